@@ -1,0 +1,22 @@
+"""metalib: few-shot episodes, backbones, learners and evaluation in plain PyTorch.
+
+Knows nothing of Prefect or MLflow, so it can be tested and reused alone.
+"""
+
+from metalib import algorithms, backbones
+from metalib.episodes import EpisodeBatch, EpisodeSampler, episode_shape_problems, split_per_class
+from metalib.evaluation import evaluate, mean_ci95
+from metalib.training import TrainingHistory, meta_train
+
+__all__ = [
+    "EpisodeBatch",
+    "EpisodeSampler",
+    "TrainingHistory",
+    "algorithms",
+    "backbones",
+    "episode_shape_problems",
+    "evaluate",
+    "mean_ci95",
+    "meta_train",
+    "split_per_class",
+]

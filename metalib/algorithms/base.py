@@ -1,0 +1,61 @@
+"""The interface every few-shot learner implements, and the registry that holds them."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+from torch import nn
+
+from metalib.backbones import Classifier
+from metalib.episodes import EpisodeBatch
+from metalib.registry import Registry
+
+Predictor = Callable[[torch.Tensor], torch.Tensor]
+
+
+@dataclass
+class HParams:
+    """Hyperparameters every learner has; subclasses add their own fields."""
+
+    lr: float = 1e-3  # learning rate of the (outer) optimizer
+
+
+class Algorithm(nn.Module, ABC):
+    """A learner: meta-trains on episode batches, adapts to one support set."""
+
+    HParams: ClassVar[type[HParams]] = HParams
+
+    def __init__(self, net: Classifier, *, ways: int, num_classes: int, hparams: HParams) -> None:
+        super().__init__()
+        self.net = net
+        self.ways = ways
+        self.num_classes = num_classes
+        self.hparams = hparams
+        self._optimizer: torch.optim.Optimizer | None = None
+
+    @property
+    def optimizer(self) -> torch.optim.Optimizer:
+        """Adam over all trainable parameters, built on first use (after subclasses add modules)."""
+        if self._optimizer is None:
+            self._optimizer = torch.optim.Adam(self.parameters(), lr=self.hparams.lr)
+        return self._optimizer
+
+    def step(self, loss: torch.Tensor) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+
+    @abstractmethod
+    def meta_train_step(self, batch: EpisodeBatch) -> dict[str, float]:
+        """One update from a batch of episodes; returns at least `loss` and `acc`."""
+
+    @abstractmethod
+    def adapt(self, support_x: torch.Tensor, support_y: torch.Tensor) -> Predictor:
+        """Fit to one episode's support set; returns query_x -> logits [n, ways]."""
+
+
+REGISTRY: Registry[type[Algorithm]] = Registry("algorithm")

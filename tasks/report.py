@@ -1,0 +1,166 @@
+"""Report: a child MLflow run per evaluation, and the study's results table."""
+
+from __future__ import annotations
+
+import math
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+import torch
+from prefect import task
+from prefect.artifacts import create_markdown_artifact
+
+from adaptflow.spec import StudySpec, flatten
+from tasks.evaluate import Evaluation
+from tasks.plots import learning_curve
+from tasks.tracking import StudyRun, log_file, log_flat, log_yaml, start_child_run
+from tasks.train import LearnerSetup, TrainedModel
+
+
+@dataclass(frozen=True)
+class Result:
+    """One evaluated (algorithm, seed, target, shots), as reported."""
+
+    algorithm: str
+    seed: int
+    target: str
+    shots: int
+    acc: float
+    acc_ci95: float
+    source_val_acc: float
+    accuracies: torch.Tensor
+    run_id: str
+    cached: bool
+
+
+@task(name="log-evaluation", tags=["cpu"])
+def log_evaluation(
+    study: StudyRun,
+    spec: StudySpec,
+    setup: LearnerSetup,
+    trained: TrainedModel,
+    evaluation: Evaluation,
+    *,
+    seed: int,
+    target: str,
+    shots: int,
+    flow_run_id: str,
+    cached: bool,
+) -> Result:
+    """A child run with the tags, params, metrics and artifacts a comparison needs."""
+    name = f"{setup.algorithm}·{target}·{shots}shot·seed{seed}"
+    tags = {
+        "algorithm": setup.algorithm,
+        "source_domains": ",".join(spec.source),
+        "target_domain": target,
+        "ways": str(setup.ways),
+        "shots": str(shots),
+        "seed": str(seed),
+        "prefect_flow_run_id": flow_run_id,
+        "reused_cached_results": str(cached).lower(),
+    }
+    client = study.client
+    run_id = start_child_run(study, name, tags)
+    params = {**flatten(spec), **{f"hparams.{k}": v for k, v in setup.resolved_hparams().items()}}
+    log_flat(
+        client,
+        run_id,
+        params=params,
+        metrics={
+            "acc": evaluation.acc,
+            "acc_ci95": evaluation.acc_ci95,
+            "source_val_acc": trained.history.best_val_acc,
+            "best_step": trained.history.best_step,
+            "train_seconds": trained.seconds,
+            "eval_seconds": evaluation.seconds,
+        },
+        curves=trained.history.curves,
+    )
+    log_yaml(client, run_id, spec.model_dump(mode="json"), "spec.yaml")
+    with tempfile.TemporaryDirectory() as folder:
+        weights = Path(folder) / "weights.pt"
+        torch.save(trained.state, weights)
+        log_file(client, run_id, weights)
+        curve = learning_curve(
+            trained.history.curves, trained.history.best_step, name, Path(folder) / "learning_curve.png"
+        )
+        log_file(client, run_id, curve)
+    client.set_terminated(run_id, "FINISHED")
+    return Result(
+        setup.algorithm,
+        seed,
+        target,
+        shots,
+        evaluation.acc,
+        evaluation.acc_ci95,
+        trained.history.best_val_acc,
+        evaluation.accuracies,
+        run_id,
+        cached,
+    )
+
+
+def summarise(results: list[Result]) -> pd.DataFrame:
+    """Per algorithm x target x shots: mean accuracy over all episodes of all seeds, its 95% CI,
+    and the spread of the per-seed means."""
+    groups: dict[tuple[str, str, int], list[Result]] = {}
+    for result in results:
+        groups.setdefault((result.algorithm, result.target, result.shots), []).append(result)
+    rows = []
+    for (algorithm, target, shots), members in groups.items():
+        episodes = torch.cat([member.accuracies for member in members]).double()
+        seed_means = torch.tensor([member.acc for member in members], dtype=torch.float64)
+        rows.append(
+            {
+                "algorithm": algorithm,
+                "target": target,
+                "shots": shots,
+                "acc": episodes.mean().item(),
+                "ci95": 1.96 * episodes.std().item() / math.sqrt(len(episodes)),
+                "seed_std": seed_means.std().item() if len(members) > 1 else 0.0,
+                "seeds": len(members),
+                "episodes": len(episodes),
+            }
+        )
+    return pd.DataFrame(rows)
+
+
+def format_table(summary: pd.DataFrame, markdown: bool = False) -> str:
+    """Algorithms as rows, target x shots as columns, cells 'acc ± ci' in percent."""
+    cells = summary.assign(
+        column=summary.target + " " + summary.shots.astype(str) + "-shot",
+        cell=[f"{100 * a:.1f} ± {100 * c:.1f}" for a, c in zip(summary.acc, summary.ci95)],
+    )
+    order = list(dict.fromkeys(cells.sort_values(["target", "shots"]).column))
+    table = cells.pivot(index="algorithm", columns="column", values="cell")[order]
+    table = table.loc[list(dict.fromkeys(summary.algorithm))]
+    if markdown:
+        header = "| algorithm | " + " | ".join(order) + " |"
+        lines = [header, "|" + "---|" * (len(order) + 1)]
+        lines += [f"| {name} | " + " | ".join(row) + " |" for name, row in table.iterrows()]
+        return "\n".join(lines)
+    return table.rename_axis(None).rename_axis(None, axis=1).to_string()
+
+
+@task(name="report", tags=["cpu"])
+def report_study(study: StudyRun, spec: StudySpec, results: list[Result]) -> pd.DataFrame:
+    """Logs the per-run and summary tables to the parent run and posts a Prefect artifact."""
+    summary = summarise(results)
+    per_run = pd.DataFrame([{k: v for k, v in vars(r).items() if k != "accuracies"} for r in results])
+    with tempfile.TemporaryDirectory() as folder:
+        for frame, name in ((summary, "results.csv"), (per_run, "runs.csv")):
+            path = Path(folder) / name
+            frame.to_csv(path, index=False)
+            log_file(study.client, study.run_id, path)
+    caption = (
+        f"{spec.episodes.ways}-way, {spec.episodes.queries} queries, {spec.episodes.eval_episodes} "
+        f"target episodes per seed, seeds {spec.seeds}: accuracy % ± 95% CI over all episodes."
+    )
+    create_markdown_artifact(
+        markdown=f"## {spec.name}\n\n{caption}\n\n{format_table(summary, markdown=True)}\n",
+        key="study-results",
+        description=f"results of study {spec.name}",
+    )
+    return summary

@@ -1,0 +1,123 @@
+"""Train: meta-train one learner (algorithm, seed) on the source domains."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+from prefect import task
+from prefect.logging import get_run_logger
+
+from adaptflow.spec import Options, StudySpec, TrainSpec
+from metalib import EpisodeSampler, TrainingHistory, algorithms, backbones, meta_train
+from metalib.algorithms import Algorithm
+from metalib.device import resolve_device
+from metalib.seeding import derive_seed
+from tasks.caching import stable_inputs
+from tasks.prepare import Pool, PreparedData
+
+
+@dataclass(frozen=True)
+class LearnerSetup:
+    """Everything needed to rebuild a learner: used to train it and to reload its weights."""
+
+    algorithm: str
+    hparams: dict[str, Any]
+    backbone: str
+    backbone_options: dict[str, Any]
+    input_shape: tuple[int, ...]
+    ways: int
+    num_classes: int
+
+    @classmethod
+    def from_spec(cls, spec: StudySpec, algorithm: Options, prepared: PreparedData) -> LearnerSetup:
+        return cls(
+            algorithm=algorithm.name,
+            hparams={"lr": spec.train.lr, **algorithm.options()},
+            backbone=spec.backbone.name,
+            backbone_options=spec.backbone.options(),
+            input_shape=prepared.input_shape,
+            ways=spec.episodes.ways,
+            num_classes=len(prepared.class_names),
+        )
+
+    def build(self) -> Algorithm:
+        net = backbones.create(
+            self.backbone, ways=self.ways, input_shape=self.input_shape, **self.backbone_options
+        )
+        return algorithms.create(
+            self.algorithm, net, ways=self.ways, num_classes=self.num_classes, **self.hparams
+        )
+
+    def resolved_hparams(self) -> dict[str, Any]:
+        """Every hyperparameter, defaults included (for logging)."""
+        return asdict(algorithms.make_hparams(self.algorithm, self.hparams))
+
+
+@dataclass(frozen=True)
+class TrainedModel:
+    """A trained learner's weights (at its best source-validation step) and its curves."""
+
+    state: dict[str, torch.Tensor]
+    history: TrainingHistory
+    seconds: float
+
+    def load(self, setup: LearnerSetup, device: torch.device) -> Algorithm:
+        learner = setup.build()
+        learner.load_state_dict(self.state)
+        return learner.to(device)
+
+
+@task(name="train", cache_policy=stable_inputs(), persist_result=True)
+def train_model(
+    setup: LearnerSetup,
+    source_train: Pool,
+    source_val: Pool,
+    train: TrainSpec,
+    shots: int,
+    queries: int,
+    seed: int,
+) -> TrainedModel:
+    """Meta-trains on source episodes; keeps the weights with the best source-validation accuracy."""
+    logger = get_run_logger()
+    device = resolve_device(train.device)
+    torch.manual_seed(derive_seed(seed, "init"))
+    learner = setup.build().to(device)
+    sampler = EpisodeSampler(
+        source_train.x, source_train.y, setup.ways, shots, queries, derive_seed(seed, "train")
+    )
+    validation = EpisodeSampler(
+        source_val.x, source_val.y, setup.ways, shots, queries, derive_seed(seed, "validation")
+    ).sample(train.val_episodes)
+    started = time.perf_counter()
+    history = meta_train(
+        learner,
+        sampler,
+        steps=train.steps,
+        meta_batch=train.meta_batch,
+        validation=validation,
+        val_every=train.val_every,
+        device=device,
+        on_validate=lambda step, acc: logger.info(
+            "%s seed %d step %d/%d: source validation accuracy %.3f",
+            setup.algorithm,
+            seed,
+            step,
+            train.steps,
+            acc,
+        ),
+    )
+    seconds = time.perf_counter() - started
+    logger.info(
+        "%s seed %d: kept step %d (source validation accuracy %.3f), %.1f s on %s",
+        setup.algorithm,
+        seed,
+        history.best_step,
+        history.best_val_acc,
+        seconds,
+        device,
+    )
+    state = {name: tensor.detach().cpu() for name, tensor in learner.state_dict().items()}
+    return TrainedModel(state=state, history=history, seconds=seconds)
