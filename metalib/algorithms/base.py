@@ -28,6 +28,9 @@ class Algorithm(nn.Module, ABC):
     """A learner: meta-trains on episode batches, adapts to one support set."""
 
     HParams: ClassVar[type[HParams]] = HParams
+    # True for unsupervised domain adaptation: the learner is handed unlabelled target rows
+    # (never the evaluation rows) through `set_unlabelled_target` before meta-training.
+    uses_unlabelled_target: ClassVar[bool] = False
 
     def __init__(self, net: Classifier, *, ways: int, num_classes: int, hparams: HParams) -> None:
         super().__init__()
@@ -48,6 +51,10 @@ class Algorithm(nn.Module, ABC):
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()
+
+    def set_unlabelled_target(self, x: torch.Tensor) -> None:
+        """Receives the target domain's unlabelled training inputs (only if uses_unlabelled_target)."""
+        raise NotImplementedError(f"{type(self).__name__} does not use unlabelled target data")
 
     @abstractmethod
     def meta_train_step(self, batch: EpisodeBatch) -> dict[str, float]:
