@@ -13,6 +13,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from adaptflow.errors import StudyError
+from metalib import algorithms, backbones
 
 
 class Strict(BaseModel):
@@ -86,6 +87,17 @@ class StudySpec(Strict):
         both = sorted(set(self.source) & set(self.target))
         if both:
             raise ValueError(f"domains {both} are both source and target; a target must be unseen")
+        return self
+
+    @model_validator(mode="after")
+    def _known_components(self) -> StudySpec:
+        """Algorithm names and hyperparameters, and the backbone name, are checked at load time."""
+        try:
+            backbones.REGISTRY.get(self.backbone.name)
+            for algorithm in self.algorithms:
+                algorithms.make_hparams(algorithm.name, algorithm.options())
+        except KeyError as exc:
+            raise ValueError(exc.args[0]) from None
         return self
 
     @property

@@ -1,0 +1,41 @@
+"""Test setup: offline Hugging Face, a throw-away Prefect home, one temporary Prefect server."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+os.environ["HF_DATASETS_OFFLINE"] = "1"
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["PREFECT_HOME"] = tempfile.mkdtemp(prefix="adaptflow-test-prefect-")
+os.environ.pop("PREFECT_API_URL", None)
+os.environ.pop("MLFLOW_TRACKING_URI", None)
+
+import pytest  # noqa: E402
+
+import adaptflow.settings  # noqa: E402,F401  (telemetry off before Prefect loads)
+
+ROOT = Path(__file__).resolve().parents[1]
+OFFICE = ROOT / "data" / "office_caltech10_surf"
+DEMO = ROOT / "studies" / "demo.yaml"
+
+
+@pytest.fixture(scope="session")
+def prefect_server():
+    """One real temporary Prefect server (own sqlite database) for every flow test."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=None):
+        yield
+
+
+@pytest.fixture(autouse=True)
+def _project_cwd(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Specs name data relative to the project folder, as a user running from it would."""
+    monkeypatch.chdir(ROOT)
+
+
+@pytest.fixture
+def tracking_uri(tmp_path: Path) -> str:
+    return f"sqlite:///{tmp_path / 'mlflow.db'}"

@@ -1,0 +1,141 @@
+"""The study flow end to end: real Prefect (temporary server), real MLflow (sqlite), real data."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from adaptflow.cli import main
+from adaptflow.errors import StudyError
+from tests.conftest import DEMO
+
+pytestmark = pytest.mark.slow
+
+ALGORITHMS = ["protonet", "finetune"]
+SEEDS, TARGETS, SHOTS = [0, 1], ["webcam", "dslr"], [1, 5]
+SMALL = [
+    "--set", "train.steps=20",
+    "--set", "train.val_every=10",
+    "--set", "train.val_episodes=20",
+    "--set", "episodes.eval_episodes=30",
+    "--set", "seeds=[0, 1]",
+    "--set", "algorithms=[{name: protonet}, {name: finetune, adapt_steps: 20}]",
+]  # fmt: skip
+
+
+def runs_by_kind(client: MlflowClient, experiment_id: str) -> tuple[list, list]:
+    runs = client.search_runs([experiment_id], max_results=1000)
+    parents = [run for run in runs if run.data.tags.get("kind") == "study"]
+    children = [run for run in runs if "mlflow.parentRunId" in run.data.tags]
+    return parents, children
+
+
+def child_key(run) -> tuple[str, str, str, str]:  # type: ignore[no-untyped-def]
+    tags = run.data.tags
+    return tags["algorithm"], tags["seed"], tags["target_domain"], tags["shots"]
+
+
+@pytest.fixture(scope="module")
+def first_run(prefect_server, tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
+    """One real study run with a tiny budget; later tests rerun it against the same stores."""
+    folder = tmp_path_factory.mktemp("study")
+    uri = f"sqlite:///{folder / 'mlflow.db'}"
+    assert main(["run", str(DEMO), *SMALL, "--tracking-uri", uri]) == 0
+    return uri, folder
+
+
+def test_study_logs_a_parent_and_one_child_per_evaluation(first_run, capsys) -> None:  # type: ignore[no-untyped-def]
+    uri, folder = first_run
+    client = MlflowClient(tracking_uri=uri)
+    experiment = client.get_experiment_by_name("office-caltech-demo")
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
+    parents, children = runs_by_kind(client, experiment.experiment_id)
+    assert len(parents) == 1
+    parent = parents[0]
+    assert parent.info.status == "FINISHED"
+    assert sorted(child_key(run) for run in children) == sorted(
+        (a, str(s), t, str(k)) for a in ALGORITHMS for s in SEEDS for t in TARGETS for k in SHOTS
+    )
+    for run in children:
+        tags, metrics, params = run.data.tags, run.data.metrics, run.data.params
+        assert tags["mlflow.parentRunId"] == parent.info.run_id
+        assert tags["source_domains"] == "amazon,caltech" and tags["ways"] == "5"
+        assert tags["prefect_flow_run_id"] == parent.data.tags["prefect_flow_run_id"]
+        assert 0.0 < metrics["acc"] <= 1.0 and metrics["acc_ci95"] > 0
+        assert 0.2 < metrics["source_val_acc"] <= 1.0
+        assert params["train.steps"] == "20" and params["backbone.hidden"] == "[256, 128]"
+        assert params["hparams.lr"] == "0.001"
+        loss = client.get_metric_history(run.info.run_id, "train/loss")
+        assert sorted(point.step for point in loss) == list(range(1, 21))
+        artifacts = {item.path for item in client.list_artifacts(run.info.run_id)}
+        assert {"weights.pt", "learning_curve.png", "spec.yaml"} <= artifacts
+    finetune = [run for run in children if run.data.tags["algorithm"] == "finetune"]
+    assert all(run.data.params["hparams.adapt_steps"] == "20" for run in finetune)
+
+    parent_artifacts = {item.path for item in client.list_artifacts(parent.info.run_id)}
+    assert {"results.csv", "runs.csv", "spec.yaml"} <= parent_artifacts
+    inputs = client.get_run(parent.info.run_id).inputs.dataset_inputs
+    assert inputs and inputs[0].dataset.name == "office_caltech10_surf"
+
+    # the results table holds one row per algorithm x target x shots, pooled over both seeds
+    table = Path(client.download_artifacts(parent.info.run_id, "results.csv", str(folder)))
+    rows = list(csv.DictReader(table.open()))
+    assert len(rows) == len(ALGORITHMS) * len(TARGETS) * len(SHOTS)
+    assert all(row["seeds"] == "2" and row["episodes"] == "60" for row in rows)
+    by_key = {child_key(run): run.data.metrics["acc"] for run in children}
+    for row in rows:
+        seed_means = [by_key[(row["algorithm"], str(s), row["target"], row["shots"])] for s in SEEDS]
+        assert float(row["acc"]) == pytest.approx(sum(seed_means) / 2)
+
+
+def test_rerun_reuses_cached_work_and_reproduces_the_numbers(first_run, capsys) -> None:  # type: ignore[no-untyped-def]
+    uri, _ = first_run
+    capsys.readouterr()
+    assert main(["run", str(DEMO), *SMALL, "--tracking-uri", uri]) == 0
+    assert "dslr 1-shot" in capsys.readouterr().out
+    client = MlflowClient(tracking_uri=uri)
+    experiment = client.get_experiment_by_name("office-caltech-demo")
+    parents, children = runs_by_kind(client, experiment.experiment_id)
+    assert len(parents) == 2 and len(children) == 32
+    latest = max(parents, key=lambda run: run.info.start_time).info.run_id
+    new = [run for run in children if run.data.tags["mlflow.parentRunId"] == latest]
+    old = [run for run in children if run.data.tags["mlflow.parentRunId"] != latest]
+    assert all(run.data.tags["reused_cached_results"] == "true" for run in new)
+    assert all(run.data.tags["reused_cached_results"] == "false" for run in old)
+    assert {child_key(r): r.data.metrics["acc"] for r in new} == {
+        child_key(r): r.data.metrics["acc"] for r in old
+    }
+
+
+def test_recomputing_with_the_same_seeds_gives_the_same_numbers(first_run) -> None:  # type: ignore[no-untyped-def]
+    """With Prefect's cache bypassed, training and evaluation run again and agree exactly."""
+    from prefect.settings import PREFECT_TASKS_REFRESH_CACHE, temporary_settings
+
+    uri, _ = first_run
+    with temporary_settings(updates={PREFECT_TASKS_REFRESH_CACHE: True}):
+        assert main(["run", str(DEMO), *SMALL, "--tracking-uri", uri]) == 0
+    client = MlflowClient(tracking_uri=uri)
+    experiment = client.get_experiment_by_name("office-caltech-demo")
+    parents, children = runs_by_kind(client, experiment.experiment_id)
+    first, *_, last = sorted(parents, key=lambda run: run.info.start_time)
+
+    def accuracies(parent) -> dict:  # type: ignore[no-untyped-def]
+        mine = [r for r in children if r.data.tags["mlflow.parentRunId"] == parent.info.run_id]
+        return {child_key(r): (r.data.metrics["acc"], r.data.metrics["source_val_acc"]) for r in mine}
+
+    recomputed = [r for r in children if r.data.tags["mlflow.parentRunId"] == last.info.run_id]
+    assert all(run.data.tags["reused_cached_results"] == "false" for run in recomputed)
+    assert accuracies(last) == accuracies(first)
+
+
+def test_flow_rejects_bad_data_before_touching_mlflow(prefect_server, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """The flow itself (as a deployment runs it, without the CLI) validates before logging."""
+    from flows.study import study
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    with pytest.raises(StudyError, match=r"\['photos'\] not found"):
+        study(spec=str(DEMO), overrides=["target=[photos]"], tracking_uri=uri)
+    assert not (tmp_path / "mlflow.db").exists()
