@@ -1,0 +1,119 @@
+"""The inner loop shared by the optimization-based learners, on torch.func.
+
+Parameters are plain dicts passed to `functional_call`, so one task's adaptation is a
+pure function: it can run task by task (the default on CPU, where it is fastest) or under
+`vmap` over the tasks of a meta-batch (for GPUs), and both give the same meta-gradient.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+from torch.func import functional_call, grad, vmap
+
+from metalib.backbones.conv4 import BatchNorm
+from metalib.episodes import EpisodeBatch
+
+Params = dict[str, torch.Tensor]
+TaskFn = Callable[[Params, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], tuple[torch.Tensor, ...]]
+
+BN_MODES = ("transductive", "per_task")
+EXECUTIONS = ("auto", "loop", "vmap")
+
+
+def sgd_steps(
+    loss_fn: Callable[[Params], torch.Tensor],
+    params: Params,
+    *,
+    steps: int,
+    lrs: Mapping[str, float | torch.Tensor],
+    first_order: bool,
+) -> Params:
+    """`steps` steps of gradient descent on `loss_fn`, one learning rate per parameter.
+
+    The result stays differentiable through every step (second order) unless `first_order`
+    or autograd is off: then the inner gradients are constants and the adapted parameters
+    depend on `params` and `lrs` only through the update itself.
+    """
+    grad_fn = grad(loss_fn)
+    keep_graph = torch.is_grad_enabled() and not first_order
+    for _ in range(steps):
+        with torch.set_grad_enabled(keep_graph):
+            grads = grad_fn(params)
+        params = {name: p - lrs[name] * grads[name] for name, p in params.items()}
+    return params
+
+
+@contextmanager
+def support_statistics(net: nn.Module, rows: int) -> Iterator[None]:
+    """While open, BatchNorm layers of `net` normalise with the statistics of the first `rows` inputs."""
+    layers = [m for m in net.modules() if isinstance(m, BatchNorm)]
+    for layer in layers:
+        layer.stats_rows = rows
+    try:
+        yield
+    finally:
+        for layer in layers:
+            layer.stats_rows = None
+
+
+def query_forward(
+    net: nn.Module, params: Params, support_x: torch.Tensor, query_x: torch.Tensor, bn_mode: str
+) -> torch.Tensor:
+    """`net` on the queries of one episode under the BatchNorm setting `bn_mode`.
+
+    transductive: the queries are normalised with their own batch statistics (as in the MAML
+    paper), so a query's output depends on the other queries. per_task: with the statistics of
+    the support set, by running support and queries together and taking statistics from the
+    support rows only.
+    """
+    if bn_mode == "transductive":
+        return functional_call(net, params, (query_x,))
+    rows = support_x.shape[0]
+    with support_statistics(net, rows):
+        return functional_call(net, params, (torch.cat([support_x, query_x]),))[rows:]
+
+
+def check_model(net: nn.Module, bn_mode: str, execution: str) -> None:
+    """Refuses settings that would run but give wrong results, naming the fix."""
+    if bn_mode not in BN_MODES:
+        raise ValueError(f"bn_mode {bn_mode!r}: use one of {', '.join(BN_MODES)}")
+    if execution not in EXECUTIONS:
+        raise ValueError(f"execution {execution!r}: use one of {', '.join(EXECUTIONS)}")
+    fused = [name for name, m in net.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if fused and (bn_mode == "per_task" or execution == "vmap"):
+        raise ValueError(
+            f"modules {', '.join(fused)} use torch's fused BatchNorm, which cannot take support statistics "
+            "and gives wrong second-order gradients under vmap; use metalib.backbones.conv4.BatchNorm"
+        )
+
+
+def resolve_execution(execution: str, device: torch.device) -> str:
+    """'auto' batches tasks with vmap on accelerators and loops over them on CPU, where vmap is slower."""
+    if execution == "auto":
+        return "loop" if device.type == "cpu" else "vmap"
+    return execution
+
+
+def meta_backward(task_fn: TaskFn, params: Params, batch: EpisodeBatch, execution: str) -> torch.Tensor:
+    """Backpropagates the mean over tasks of `task_fn`'s first output; returns all outputs averaged.
+
+    `task_fn(params, support_x, support_y, query_x, query_y)` returns (loss, *metrics) for one
+    task. The loop backpropagates task by task, so only one task's graph is alive at a time.
+    """
+    tensors = (batch.support_x, batch.support_y, batch.query_x, batch.query_y)
+    if execution == "vmap":
+        outputs = torch.stack(
+            vmap(task_fn, in_dims=(None, 0, 0, 0, 0), randomness="different")(params, *tensors), -1
+        )
+        outputs[:, 0].mean().backward()
+        return outputs.detach().mean(0)
+    per_task = []
+    for task in zip(*tensors):
+        outputs = torch.stack(task_fn(params, *task))
+        (outputs[0] / batch.num_tasks).backward()
+        per_task.append(outputs.detach())
+    return torch.stack(per_task).mean(0)
