@@ -98,6 +98,8 @@ class StudySpec(Strict):
                 algorithms.make_hparams(algorithm.name, algorithm.options())
         except KeyError as exc:
             raise ValueError(exc.args[0]) from None
+        except TypeError as exc:
+            raise ValueError(f"bad hyperparameter value: {exc}") from None
         return self
 
     @property

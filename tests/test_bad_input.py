@@ -89,6 +89,8 @@ def test_unknown_algorithm_and_hyperparameter(tmp_path: Path, capsys: pytest.Cap
     assert "unknown algorithm 'protonett'" in err and "protonet" in err
     err = run_cli([str(DEMO), "--set", "algorithms=[{name: finetune, adapt_stepz: 3}]"], tmp_path, capsys)
     assert "has no hyperparameter adapt_stepz" in err and "adapt_steps" in err
+    err = run_cli([str(DEMO), "--set", "algorithms=[{name: protonet, distance: manhattan}]"], tmp_path, capsys)
+    assert "distance must be 'euclidean' or 'cosine', not 'manhattan'" in err
 
 
 def test_source_and_target_must_differ(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

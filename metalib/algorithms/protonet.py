@@ -19,6 +19,10 @@ class ProtoNet(Algorithm):
     class HParams(base.HParams):
         distance: str = "euclidean"  # or "cosine"
 
+        def __post_init__(self) -> None:
+            if self.distance not in ("euclidean", "cosine"):
+                raise ValueError(f"protonet distance must be 'euclidean' or 'cosine', not {self.distance!r}")
+
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         """Embeds [T, S, ...] inputs to [T, S, D] in one encoder pass."""
         return self.net.encoder(x.flatten(0, 1)).unflatten(0, x.shape[:2])
