@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -15,21 +15,67 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from adaptflow.errors import StudyError
 from metalib import algorithms, backbones
 
+Modality = Literal["auto", "features", "text", "image"]
+DEFAULT_BACKBONES = {"features": "mlp", "text": "text_bag", "image": "conv4"}
+
 
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+class DomainSource(Strict):
+    """One domain loaded on its own: a dataset, a config or a split, with its own column names.
+
+    Unset keys fall back to the `data` section's values.
+    """
+
+    path: str | None = None
+    data_files: str | list[str] | dict[str, str | list[str]] | None = None  # with path: not inherited
+    config: str | None = None
+    split: str | None = None  # default: every split of the dataset
+    revision: str | None = None
+    input: str | None = None
+    label: str | None = None
+
+
 class DataSpec(Strict):
-    path: str = Field(description="anything datasets.load_dataset accepts: hub id, local folder, builder")
+    path: str | None = Field(None, description="anything datasets.load_dataset accepts: hub id, local folder")
     data_files: str | list[str] | dict[str, str | list[str]] | None = None
+    config: str | None = None  # dataset configuration name (load_dataset's `name`)
     revision: str | None = None
     input: str = "features"
     label: str = "label"
-    domain: str = "domain"
-    log1p: bool = False  # log(1 + x) before standardising (counts, histograms)
+    domain: str = "domain"  # column naming each row's domain; unused when `domains` is given
+    domains: dict[str, DomainSource] | None = None  # one dataset, config or split per domain
+    modality: Modality = "auto"  # auto: from the input column's feature type
+    image_size: int = Field(28, ge=4)  # images are resized to image_size x image_size
+    channels: Literal[1, 3] = 3  # images are converted to grayscale (1) or RGB (3)
+    max_tokens: int = Field(256, ge=1)  # text: hashed n-grams kept per example
+    ngrams: int = Field(2, ge=1, le=4)  # text: word n-grams up to this length
+    log1p: bool = False  # feature vectors: log(1 + x) before standardising (counts, histograms)
     val_fraction: float = Field(0.2, gt=0, lt=1)  # of each source domain, for model selection
     split_seed: int = 0
+
+    @model_validator(mode="after")
+    def _has_a_source(self) -> DataSpec:
+        if self.path is None and not (self.domains and all(d.path for d in self.domains.values())):
+            raise ValueError("give data.path, or a path for every domain under data.domains")
+        return self
+
+    def domain_sources(self) -> dict[str, DomainSource]:
+        """Each domain's source with every key resolved against the `data` section."""
+        return {
+            name: DomainSource(
+                path=d.path or self.path,
+                data_files=d.data_files if d.path else (d.data_files or self.data_files),
+                config=d.config or self.config,
+                split=d.split,
+                revision=d.revision or self.revision,
+                input=d.input or self.input,
+                label=d.label or self.label,
+            )
+            for name, d in (self.domains or {}).items()
+        }
 
 
 class EpisodeSpec(Strict):
@@ -77,7 +123,7 @@ class StudySpec(Strict):
     source: list[str] = Field(min_length=1)
     target: list[str] = Field(min_length=1)
     episodes: EpisodeSpec = EpisodeSpec()
-    backbone: Options = Options(name="mlp")
+    backbone: Options | None = None  # default: by modality (features: mlp, text: text_bag, image: conv4)
     algorithms: list[Options] = Field(min_length=1)
     train: TrainSpec = TrainSpec()
     seeds: list[int] = Field([0], min_length=1)
@@ -90,10 +136,18 @@ class StudySpec(Strict):
         return self
 
     @model_validator(mode="after")
+    def _default_backbone(self) -> StudySpec:
+        """With the modality given, the default backbone is known (and logged) from the spec alone."""
+        if self.backbone is None and self.data.modality != "auto":
+            self.backbone = Options(name=DEFAULT_BACKBONES[self.data.modality])
+        return self
+
+    @model_validator(mode="after")
     def _known_components(self) -> StudySpec:
         """Algorithm names and hyperparameters, and the backbone name, are checked at load time."""
         try:
-            backbones.REGISTRY.get(self.backbone.name)
+            if self.backbone is not None:
+                backbones.REGISTRY.get(self.backbone.name)
             for algorithm in self.algorithms:
                 algorithms.make_hparams(algorithm.name, algorithm.options())
         except KeyError as exc:
@@ -105,6 +159,10 @@ class StudySpec(Strict):
     @property
     def train_shots(self) -> int:
         return self.train.shots or max(self.episodes.shots)
+
+    def backbone_for(self, modality: str) -> Options:
+        """The spec's backbone, or the default for the modality the data turned out to have."""
+        return self.backbone or Options(name=DEFAULT_BACKBONES[modality])
 
 
 def load_spec(source: str | Path | dict[str, Any], overrides: Iterable[str] = ()) -> StudySpec:

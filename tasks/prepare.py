@@ -1,25 +1,43 @@
-"""Prepare: load a dataset with Hugging Face `datasets`, split it into domains, make tensors once.
+"""Prepare: load data with Hugging Face `datasets`, split it into domains, make tensors once.
 
-The result holds one shared label space, the source domains split into train and
-validation pools, and one pool per target domain. Every problem with the data is
-reported here, before any training, with what to change.
+Domains come from a column of one dataset, or from one dataset, config or split per domain
+(`data.domains`). Inputs are feature vectors, text or images, chosen from the input column's
+feature type (or `data.modality`). The result holds one label space aligned by class name,
+the source domains split into train and validation pools, and one pool per target domain,
+with duplicate inputs removed. Every problem with the data is reported here, before any
+training, with what to change. Results are cached on disk, keyed by the dataset fingerprints
+and the preparation settings.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import math
+import warnings
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import datasets
 import numpy as np
 import torch
+import torch.nn.functional as F
 from prefect import task
+from prefect.logging import get_run_logger
+from tqdm.auto import tqdm
 
 from adaptflow.errors import StudyError
-from adaptflow.spec import DataSpec, StudySpec
+from adaptflow.settings import PROJECT_DIR
+from adaptflow.spec import DEFAULT_BACKBONES, DataSpec, DomainSource, StudySpec
 from metalib import episode_shape_problems, split_per_class
+from metalib.backbones import text_bag
 from tasks.caching import stable_inputs
+
+CACHE_DIR = PROJECT_DIR / ".cache" / "prepared"
+CODE_VERSION = hashlib.sha256(Path(__file__).read_bytes() + Path(text_bag.__file__).read_bytes()).hexdigest()
+LUMA = torch.tensor([0.299, 0.587, 0.114])  # ITU-R 601-2, as PIL converts RGB to L
+PROGRESS_ROWS = 20_000  # show a progress bar when converting more rows than this
 
 
 @dataclass(frozen=True)
@@ -41,79 +59,118 @@ class PreparedData:
     source_val: Pool
     targets: dict[str, Pool]
     class_names: list[str]
-    fingerprint: str  # of the loaded dataset and the preparation settings
-    rows_per_domain: dict[str, int]
+    fingerprint: str  # of the loaded datasets and the preparation settings
+    rows_per_domain: dict[str, int]  # after removing duplicates
+    modality: str  # features | text | image
+    duplicates_dropped: dict[str, int]  # per domain, and "source" for repeats across source domains
+    missing_classes: dict[str, list[str]]  # domain -> classes other domains have and it lacks
 
     @property
     def input_shape(self) -> tuple[int, ...]:
         return tuple(self.source_train.x.shape[1:])
 
 
-def load_table(data: DataSpec) -> datasets.Dataset:
-    """All rows of the dataset as one table, whatever splits it was stored in."""
+@dataclass(frozen=True)
+class Domain:
+    """One domain's rows, with the names of its input and label columns."""
+
+    table: datasets.Dataset
+    input: str
+    label: str
+
+
+def load_table(
+    path: str,
+    data_files: Any = None,
+    config: str | None = None,
+    split: str | None = None,
+    revision: str | None = None,
+) -> datasets.Dataset:
+    """Rows of one dataset (or one split of it) as one table, whatever splits it was stored in."""
     try:
-        loaded = datasets.load_dataset(data.path, data_files=data.data_files, revision=data.revision)
+        loaded = datasets.load_dataset(path, config, data_files=data_files, split=split, revision=revision)
     except FileNotFoundError as exc:
         raise StudyError(
-            f"data.path {data.path!r} was not found as a local folder, file or hub dataset ({exc}). "
+            f"data path {path!r} was not found as a local folder, file or hub dataset ({exc}). "
             "Check the path, or give data_files."
         ) from None
     except ConnectionError as exc:
         raise StudyError(
-            f"data.path {data.path!r} could not be reached ({exc}). It looks like a hub id while "
+            f"data path {path!r} could not be reached ({exc}). It looks like a hub id while "
             "offline: download it once with network access (it is then cached), or point data.path "
             "at a local copy."
         ) from None
+    except ValueError as exc:
+        raise StudyError(f"data path {path!r} (config {config!r}, split {split!r}): {exc}") from None
     if isinstance(loaded, datasets.DatasetDict):
         return datasets.concatenate_datasets(list(loaded.values()))
     return loaded
 
 
-def prepare(data: DataSpec, source: list[str], target: list[str]) -> PreparedData:
-    """Loads, checks and tensorises the data a study needs; raises StudyError on bad input."""
-    table = load_table(data)
-    missing = [column for column in (data.input, data.label, data.domain) if column not in table.column_names]
-    if missing:
-        raise StudyError(
-            f"column(s) {missing} not in the dataset; its columns are {table.column_names}. "
-            "Set data.input / data.label / data.domain to the right names."
-        )
-    domains = np.asarray(_column(table, data.domain))
+def load_domains(data: DataSpec, names: list[str]) -> dict[str, Domain]:
+    """The study's domains, from `data.domains` (one source each) or from the domain column."""
+    if data.domains is not None:
+        unknown = [name for name in names if name not in data.domains]
+        if unknown:
+            raise StudyError(
+                f"domain(s) {unknown} are not defined under data.domains; it defines: {sorted(data.domains)}"
+            )
+        sources = data.domain_sources()
+        return {name: _load_domain(name, sources[name]) for name in names}
+    table = load_table(data.path or "", data.data_files, data.config, revision=data.revision)
+    _check_columns(table, [data.input, data.label, data.domain], "the dataset")
+    domains = np.asarray(table.select_columns([data.domain])[:][data.domain])
     present = sorted(set(domains.tolist()))
-    unknown = [name for name in [*source, *target] if name not in present]
+    unknown = [name for name in names if name not in present]
     if unknown:
         raise StudyError(f"domain(s) {unknown} not found in column {data.domain!r}; the data has: {present}")
-    class_names, labels = _label_space(table, data.label)
-    inputs = _feature_tensor(table, data.input)
+    return {
+        name: Domain(table.select(np.nonzero(domains == name)[0]), data.input, data.label) for name in names
+    }
 
-    def rows(domain: str) -> np.ndarray:
-        return np.nonzero(domains == domain)[0]
 
-    source_rows = np.concatenate([rows(d) for d in source])
-    source_y = labels[source_rows]
-    train_idx, val_idx = split_per_class(source_y, data.val_fraction, data.split_seed)
-    train_rows, val_rows = source_rows[train_idx.numpy()], source_rows[val_idx.numpy()]
-    inputs = _normalise(inputs, data.log1p, reference=torch.as_tensor(train_rows))
+def prepare(
+    data: DataSpec, source: list[str], target: list[str], cache: Path | None = CACHE_DIR
+) -> PreparedData:
+    """Loads, checks and tensorises the data a study needs; raises StudyError on bad input.
 
-    def pool(index: np.ndarray) -> Pool:
-        index_t = torch.as_tensor(index)
-        return Pool(inputs[index_t], labels[index_t])
-
-    prepared = PreparedData(
-        source_train=pool(train_rows),
-        source_val=pool(val_rows),
-        targets={domain: pool(rows(domain)) for domain in target},
-        class_names=class_names,
-        fingerprint=_fingerprint(table, data, source, target),
-        rows_per_domain={domain: len(rows(domain)) for domain in [*source, *target]},
-    )
+    With `cache`, a result prepared before from the same datasets and settings is read back.
+    """
+    domains = load_domains(data, [*source, *target])
+    fingerprint = _fingerprint(domains, data, source, target)
+    path = cache / f"{fingerprint}.pt" if cache else None
+    if path and path.is_file():
+        prepared = _from_state(torch.load(path))
+    else:
+        prepared = _prepare(domains, data, source, target, fingerprint)
+        if path:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            torch.save(_to_state(prepared), path.with_suffix(".tmp"))
+            path.with_suffix(".tmp").replace(path)
+    for domain, classes in prepared.missing_classes.items():
+        warnings.warn(
+            f"domain {domain!r} has no examples of class(es) {classes}, which other domains of the study "
+            "have; its episodes are drawn from the classes it has.",
+            stacklevel=2,
+        )
     return prepared
 
 
 @task(name="prepare", cache_policy=stable_inputs(), persist_result=True, tags=["cpu"])
 def prepare_data(data: DataSpec, source: list[str], target: list[str]) -> PreparedData:
     """Prefect task around `prepare`, cached on the data settings and the domains."""
-    return prepare(data, source, target)
+    prepared = prepare(data, source, target)
+    get_run_logger().info(
+        "%s data (data.modality %s; a spec without a backbone gets %s); %d classes; rows per domain %s; "
+        "duplicates dropped %s",
+        prepared.modality,
+        data.modality,
+        DEFAULT_BACKBONES[prepared.modality],
+        len(prepared.class_names),
+        prepared.rows_per_domain,
+        prepared.duplicates_dropped,
+    )
+    return prepared
 
 
 def check_episode_shapes(spec: StudySpec, prepared: PreparedData) -> None:
@@ -142,42 +199,242 @@ def check_episode_shapes(spec: StudySpec, prepared: PreparedData) -> None:
         )
 
 
-def _label_space(table: datasets.Dataset, column: str) -> tuple[list[str], torch.Tensor]:
-    """Class names and integer labels: by name for ClassLabel or strings, by value for numbers."""
-    feature = table.features[column]
-    values = _column(table, column)
-    if isinstance(feature, datasets.ClassLabel):
-        values = [feature.int2str(value) for value in values]
-    names = sorted(set(values), key=lambda value: (str(type(value)), value))
-    index = {name: i for i, name in enumerate(names)}
-    return [str(name) for name in names], torch.tensor([index[value] for value in values])
+def _prepare(
+    domains: dict[str, Domain], data: DataSpec, source: list[str], target: list[str], fingerprint: str
+) -> PreparedData:
+    modality = _modality(domains, data)
+    class_names, labels = _label_space(domains)
+    inputs = {name: _input_tensor(domain, modality, data) for name, domain in domains.items()}
+    shapes = {name: tuple(x.shape[1:]) for name, x in inputs.items()}
+    if len(set(shapes.values())) > 1:
+        raise StudyError(
+            f"the domains' {modality} inputs have different shapes: {shapes}. Feature vectors must have one "
+            "length; for images of several sizes set data.modality: image (they are then resized)."
+        )
+    dropped = {}
+    for name in domains:
+        keep = _first_occurrences(inputs[name])
+        dropped[name] = len(labels[name]) - len(keep)
+        inputs[name], labels[name] = inputs[name][keep], labels[name][keep]
+    source_x = torch.cat([inputs[name] for name in source])
+    keep = _first_occurrences(source_x)  # the same input in two source domains is one example
+    dropped["source"] = len(source_x) - len(keep)
+    source_x, source_y = source_x[keep], torch.cat([labels[name] for name in source])[keep]
+    train, val = split_per_class(source_y, data.val_fraction, data.split_seed)
+    normalise = _normaliser(modality, source_x[train], data.log1p)
+    present = {name: set(labels[name].tolist()) for name in domains}
+    everywhere = set().union(*present.values())
+    return PreparedData(
+        source_train=Pool(normalise(source_x[train]), source_y[train]),
+        source_val=Pool(normalise(source_x[val]), source_y[val]),
+        targets={name: Pool(normalise(inputs[name]), labels[name]) for name in target},
+        class_names=class_names,
+        fingerprint=fingerprint,
+        rows_per_domain={name: len(labels[name]) for name in domains},
+        modality=modality,
+        duplicates_dropped=dropped,
+        missing_classes={
+            name: [class_names[c] for c in sorted(everywhere - present[name])]
+            for name in domains
+            if everywhere - present[name]
+        },
+    )
 
 
-def _feature_tensor(table: datasets.Dataset, column: str) -> torch.Tensor:
-    """Numeric feature vectors as a float32 [rows, features] tensor."""
-    array = table.select_columns([column]).with_format("numpy")[:][column]
+def _load_domain(name: str, source: DomainSource) -> Domain:
+    assert source.path and source.input and source.label  # resolved by DataSpec.domain_sources
+    table = load_table(source.path, source.data_files, source.config, source.split, source.revision)
+    _check_columns(table, [source.input, source.label], f"domain {name!r}")
+    return Domain(table, source.input, source.label)
+
+
+def _check_columns(table: datasets.Dataset, columns: list[str], where: str) -> None:
+    missing = [column for column in columns if column not in table.column_names]
+    if missing:
+        raise StudyError(
+            f"column(s) {missing} not in {where}; its columns are {table.column_names}. "
+            "Set data.input / data.label / data.domain (or input / label under data.domains) "
+            "to the right names."
+        )
+
+
+def _modality(domains: dict[str, Domain], data: DataSpec) -> str:
+    """`data.modality`, or the one the input columns' feature types imply (the same in every domain)."""
+    if data.modality != "auto":
+        return data.modality
+    found = {name: _feature_modality(d.table.features[d.input]) for name, d in domains.items()}
+    if len(set(found.values())) > 1:
+        raise StudyError(f"the input columns hold different kinds of data per domain: {found}; align them.")
+    modality = next(iter(found.values()))
+    if modality is None:
+        feature = next(iter(domains.values())).table.features[next(iter(domains.values())).input]
+        raise StudyError(
+            f"cannot tell text, image or feature vectors from the input column's type {feature}; "
+            "set data.modality (text, image or features) or data.input."
+        )
+    return modality
+
+
+def _feature_modality(feature: Any) -> str | None:
+    """Image feature or nested (2-D/3-D) arrays: image; strings: text; flat lists: feature vectors.
+
+    Flat pixel lists look like feature vectors (counts are often uint8 too): set data.modality: image.
+    """
+    if isinstance(feature, datasets.Image | datasets.Array2D | datasets.Array3D):
+        return "image"
+    if isinstance(feature, datasets.Value):
+        return "text" if feature.dtype in ("string", "large_string") else None
+    if isinstance(feature, datasets.List | datasets.LargeList | datasets.Sequence):
+        inner = feature.feature
+        return (
+            "image"
+            if isinstance(inner, datasets.List | datasets.LargeList | datasets.Sequence)
+            else "features"
+        )
+    return None
+
+
+def _label_space(domains: dict[str, Domain]) -> tuple[list[str], dict[str, torch.Tensor]]:
+    """Class names and each domain's integer labels, aligned by name (ClassLabel, strings) or value."""
+    values = {}
+    for name, domain in domains.items():
+        feature = domain.table.features[domain.label]
+        column = domain.table.select_columns([domain.label])[:][domain.label]
+        values[name] = (
+            [feature.int2str(v) for v in column] if isinstance(feature, datasets.ClassLabel) else column
+        )
+    names = sorted({v for column in values.values() for v in column}, key=lambda v: (str(type(v)), v))
+    index = {value: i for i, value in enumerate(names)}
+    labels = {
+        name: torch.tensor([index[v] for v in column], dtype=torch.long) for name, column in values.items()
+    }
+    return [str(value) for value in names], labels
+
+
+def _input_tensor(domain: Domain, modality: str, data: DataSpec) -> torch.Tensor:
+    column = domain.table.select_columns([domain.input])
+    if modality == "text":
+        texts = column[:][domain.input]
+        return text_bag.hash_ngrams(_progress(texts, "tokenising", len(texts)), data.ngrams, data.max_tokens)
+    if modality == "image":
+        return _image_tensor(column, domain.input, data.image_size, data.channels)
+    array = column.with_format("numpy")[:][domain.input]
     if array.dtype == object or not np.issubdtype(array.dtype, np.number):
         raise StudyError(
-            f"column {column!r} does not hold numeric feature vectors of one length "
-            f"(feature type: {table.features[column]}); set data.input to such a column."
+            f"column {domain.input!r} does not hold numeric feature vectors of one length "
+            f"(feature type: {domain.table.features[domain.input]}); set data.input to such a column, "
+            "or data.modality if it holds text or images."
         )
-    return torch.as_tensor(array, dtype=torch.float32).reshape(len(table), -1)
+    return torch.as_tensor(array, dtype=torch.float32).reshape(len(array), -1)
 
 
-def _column(table: datasets.Dataset, name: str) -> list:
-    """One column as a Python list."""
-    return table.select_columns([name])[:][name]
+def _image_tensor(table: datasets.Dataset, column: str, size: int, channels: int) -> torch.Tensor:
+    """Images (Image feature or pixel arrays) as float [rows, channels, size, size] in [0, 1] for 8-bit data.
+
+    Image files are decoded in the spec's mode; pixel arrays may be flat (a square image,
+    gray or RGB), HxW or HxWxC. Mixed sizes and modes are converted row by row.
+    """
+    feature = table.features[column]
+    if isinstance(feature, datasets.Image):
+        table = table.cast_column(column, datasets.Image(mode="L" if channels == 1 else "RGB"))
+    scale = 255.0 if isinstance(feature, datasets.Image) or _integer_pixels(feature) else 1.0
+    images = (image for batch in table.with_format("numpy").iter(batch_size=1000) for image in batch[column])
+    out = torch.empty(len(table), channels, size, size)
+    for i, image in enumerate(_progress(images, "converting images", len(table))):
+        pixels = torch.as_tensor(np.asarray(image, dtype=np.float32)) / scale
+        out[i] = _resize(_channels_first(pixels, channels, column), size)
+    return out
 
 
-def _normalise(inputs: torch.Tensor, log1p: bool, reference: torch.Tensor) -> torch.Tensor:
-    """Optional log(1+x), then standardise with statistics of the source training rows only."""
-    if log1p:
-        inputs = torch.log1p(inputs.clamp_min(0))
-    mean = inputs[reference].mean(0)
-    std = inputs[reference].std(0).clamp_min(1e-6)
-    return (inputs - mean) / std
+def _integer_pixels(feature: Any) -> bool:
+    while not isinstance(feature, datasets.Value):
+        feature = feature.feature
+    return "int" in feature.dtype
 
 
-def _fingerprint(table: datasets.Dataset, data: DataSpec, source: list[str], target: list[str]) -> str:
-    settings = json.dumps([table._fingerprint, data.model_dump(mode="json"), source, target], sort_keys=True)
+def _channels_first(pixels: torch.Tensor, channels: int, column: str) -> torch.Tensor:
+    """One image as [channels, H, W]: flat square lists reshaped, alpha dropped, gray <-> RGB."""
+    if pixels.dim() == 1:
+        for depth in (1, 3):
+            side = math.isqrt(len(pixels) // depth)
+            if side * side * depth == len(pixels):
+                pixels = pixels.view(side, side, depth)
+                break
+        else:
+            raise StudyError(
+                f"column {column!r} holds a flat pixel list of length {len(pixels)}, which is not a square "
+                "gray or RGB image; store images as HxW / HxWxC arrays or as an Image feature."
+            )
+    if pixels.dim() == 2:
+        pixels = pixels.unsqueeze(-1)
+    pixels = pixels[..., :3].permute(2, 0, 1)
+    if pixels.shape[0] == channels:
+        return pixels
+    if channels == 1:
+        return (pixels * LUMA.view(3, 1, 1)).sum(0, keepdim=True)
+    return pixels.expand(3, -1, -1)
+
+
+def _resize(image: torch.Tensor, size: int) -> torch.Tensor:
+    if image.shape[-2:] == (size, size):
+        return image
+    return F.interpolate(image[None], size=(size, size), mode="bilinear", antialias=True)[0]
+
+
+def _progress(items: Any, what: str, total: int) -> Any:
+    return tqdm(items, desc=what, total=total, unit="rows", disable=total <= PROGRESS_ROWS, leave=False)
+
+
+def _first_occurrences(x: torch.Tensor) -> torch.Tensor:
+    """Indices of the first row of each distinct input, in order: exact duplicates are dropped."""
+    rows = np.ascontiguousarray(x.reshape(len(x), -1).numpy())
+    keys = rows.view(np.dtype((np.void, rows.dtype.itemsize * rows.shape[1]))).ravel()
+    _, first = np.unique(keys, return_index=True)
+    return torch.as_tensor(np.sort(first))
+
+
+def _normaliser(modality: str, reference: torch.Tensor, log1p: bool) -> Any:
+    """Standardisation with statistics of the source training rows only: per feature, or per channel."""
+    if modality == "text":
+        return lambda x: x
+    if modality == "image":
+        mean = reference.mean((0, 2, 3), keepdim=True)
+        std = reference.std((0, 2, 3), keepdim=True).clamp_min(1e-6)
+        return lambda x: (x - mean) / std
+
+    def transform(x: torch.Tensor) -> torch.Tensor:
+        return torch.log1p(x.clamp_min(0)) if log1p else x
+
+    mean = transform(reference).mean(0)
+    std = transform(reference).std(0).clamp_min(1e-6)
+    return lambda x: (transform(x) - mean) / std
+
+
+def _fingerprint(domains: dict[str, Domain], data: DataSpec, source: list[str], target: list[str]) -> str:
+    """Of the loaded tables, the settings and this code: any change gives a new cache entry."""
+    tables = {name: [d.table._fingerprint, d.input, d.label] for name, d in domains.items()}
+    settings = json.dumps(
+        [tables, data.model_dump(mode="json"), source, target, CODE_VERSION], sort_keys=True, default=str
+    )
     return hashlib.sha256(settings.encode()).hexdigest()[:16]
+
+
+def _to_state(prepared: PreparedData) -> dict[str, Any]:
+    """Plain tensors and builtins, so the cache loads with torch.load's safe (weights-only) mode."""
+    return {
+        **vars(prepared),
+        "source_train": (prepared.source_train.x, prepared.source_train.y),
+        "source_val": (prepared.source_val.x, prepared.source_val.y),
+        "targets": {name: (pool.x, pool.y) for name, pool in prepared.targets.items()},
+    }
+
+
+def _from_state(state: dict[str, Any]) -> PreparedData:
+    return PreparedData(
+        **{
+            **state,
+            "source_train": Pool(*state["source_train"]),
+            "source_val": Pool(*state["source_val"]),
+            "targets": {name: Pool(*xy) for name, xy in state["targets"].items()},
+        }
+    )

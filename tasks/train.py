@@ -33,11 +33,12 @@ class LearnerSetup:
 
     @classmethod
     def from_spec(cls, spec: StudySpec, algorithm: Options, prepared: PreparedData) -> LearnerSetup:
+        backbone = spec.backbone_for(prepared.modality)
         return cls(
             algorithm=algorithm.name,
             hparams={"lr": spec.train.lr, **algorithm.options()},
-            backbone=spec.backbone.name,
-            backbone_options=spec.backbone.options(),
+            backbone=backbone.name,
+            backbone_options=backbone.options(),
             input_shape=prepared.input_shape,
             ways=spec.episodes.ways,
             num_classes=len(prepared.class_names),
