@@ -2,23 +2,54 @@
 
 Tasks cache on their inputs, so rerunning a spec reuses prepared data, trained models and
 evaluations that finished before; every execution still gets its own complete MLflow parent run.
+The steps are public so the `sweep` flow (flows/sweep.py) runs many studies from the same pieces.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any
 
 from prefect import flow
-from prefect.runtime import flow_run
+from prefect.futures import PrefectFuture
+from prefect.runtime import deployment, flow_run
+from prefect.task_runners import ThreadPoolTaskRunner
 
 from adaptflow.settings import default_tracking_uri
 from adaptflow.spec import StudySpec, load_spec
 from metalib.seeding import derive_seed
-from tasks.evaluate import evaluate_model
+from tasks.artifacts import link_mlflow_run
+from tasks.evaluate import Evaluation, evaluate_model
 from tasks.prepare import PreparedData, check_episode_shapes, prepare, prepare_data
 from tasks.report import Result, log_evaluation, report_study
 from tasks.tracking import StudyRun, log_dataset, start_study_run
-from tasks.train import LearnerSetup, train_model
+from tasks.train import LearnerSetup, TrainedModel, train_model, train_on_pool
+
+# The `train` flow's deployment on the GPU pool (prefect.yaml).
+GPU_TRAINING = "train/gpu"
+
+
+@dataclass(frozen=True)
+class StudyPlan:
+    """A validated study: its spec, prepared data and one learner setup per algorithm."""
+
+    spec: StudySpec
+    prepared: PreparedData
+    setups: list[LearnerSetup]
+
+
+@dataclass(frozen=True)
+class PendingEvaluation:
+    """One (algorithm, seed, target, shots) whose training and evaluation are submitted."""
+
+    setup: LearnerSetup
+    seed: int
+    target: str
+    shots: int
+    trained: PrefectFuture[TrainedModel]
+    evaluation: PrefectFuture[Evaluation]
 
 
 def validate_study(spec: StudySpec) -> PreparedData:
@@ -30,79 +61,119 @@ def validate_study(spec: StudySpec) -> PreparedData:
     return prepared
 
 
-@flow(name="study", log_prints=True)
+def plan_study(spec: StudySpec) -> StudyPlan:
+    """Prepares the data (a cached task) and checks everything before MLflow is touched."""
+    prepared = prepare_data(spec.data, spec.source, spec.target)
+    check_episode_shapes(spec, prepared)
+    setups = [LearnerSetup.from_spec(spec, algorithm, prepared) for algorithm in spec.algorithms]
+    for setup in setups:
+        setup.build()  # bad backbone or hyperparameter options fail here
+    return StudyPlan(spec, prepared, setups)
+
+
+def open_study_run(plan: StudyPlan, tracking_uri: str | None, tags: dict[str, str]) -> StudyRun:
+    """The MLflow parent run, with the dataset input, linked from the Prefect flow run."""
+    run = start_study_run(plan.spec, tracking_uri or default_tracking_uri(), tags)
+    log_dataset(run, plan.spec, plan.prepared.fingerprint, sum(plan.prepared.rows_per_domain.values()))
+    link_mlflow_run(run, plan.spec)
+    return run
+
+
+def training_inputs(plan: StudyPlan, setup: LearnerSetup, seed: int) -> dict[str, Any]:
+    """The inputs of `train_model` for one (algorithm, seed): the same wherever it trains."""
+    spec, prepared = plan.spec, plan.prepared
+    return {
+        "setup": setup,
+        "source_train": prepared.source_train,
+        "source_val": prepared.source_val,
+        "train": spec.train,
+        "shots": spec.train_shots,
+        "queries": spec.episodes.queries,
+        "seed": seed,
+    }
+
+
+def trains_on_gpu_pool(spec: StudySpec) -> bool:
+    """A deployment run that asks for CUDA sends training to the GPU pool; local runs train here."""
+    return spec.train.device.startswith("cuda") and deployment.id is not None
+
+
+def submit_study(plan: StudyPlan) -> list[PendingEvaluation]:
+    """Submits one train task per (algorithm, seed) and its evaluations, without waiting for any."""
+    spec, prepared = plan.spec, plan.prepared
+    on_gpu_pool = trains_on_gpu_pool(spec)
+    pending = []
+    for index, setup in enumerate(plan.setups):
+        for seed in spec.seeds:
+            trained = (
+                train_on_pool.submit(GPU_TRAINING, spec.model_dump(mode="json"), index, seed)
+                if on_gpu_pool
+                else train_model.submit(**training_inputs(plan, setup, seed))
+            )
+            for target in spec.target:
+                for shots in spec.episodes.shots:
+                    evaluation = evaluate_model.submit(
+                        setup,
+                        trained,
+                        prepared.targets[target],
+                        shots=shots,
+                        queries=spec.episodes.queries,
+                        episodes=spec.episodes.eval_episodes,
+                        episode_seed=derive_seed(seed, "evaluation", target, shots),
+                        device="auto" if on_gpu_pool else spec.train.device,
+                    )
+                    pending.append(PendingEvaluation(setup, seed, target, shots, trained, evaluation))
+    return pending
+
+
+def log_study(
+    plan: StudyPlan, run: StudyRun, pending: list[PendingEvaluation], flow_run_id: str
+) -> list[Result]:
+    """One MLflow child run per evaluation, in submission order, marked when it reused the cache."""
+    logged = []
+    for item in pending:
+        item.evaluation.wait()
+        logged.append(
+            log_evaluation.submit(
+                run,
+                plan.spec,
+                item.setup,
+                item.trained,
+                item.evaluation,
+                seed=item.seed,
+                target=item.target,
+                shots=item.shots,
+                flow_run_id=flow_run_id,
+                cached=item.evaluation.state.name == "Cached",
+            )
+        )
+    return [future.result() for future in logged]
+
+
+@contextmanager
+def terminating(run: StudyRun) -> Iterator[None]:
+    """Marks the MLflow parent run FINISHED, or FAILED if the block raises."""
+    try:
+        yield
+    except BaseException:
+        run.client.set_terminated(run.run_id, "FAILED")
+        raise
+    run.client.set_terminated(run.run_id, "FINISHED")
+
+
+# One worker thread: torch's random generator is global to the process, so tasks that seed it
+# must not interleave in threads. The sweep flow runs tasks in processes instead.
+@flow(name="study", log_prints=True, task_runner=ThreadPoolTaskRunner(max_workers=1))
 def study(
     spec: str | dict[str, Any] = "studies/demo.yaml",
     overrides: list[str] | None = None,
     tracking_uri: str | None = None,
 ) -> list[dict[str, Any]]:
     """Runs one study spec (a YAML path or an inline mapping); returns the summary table rows."""
-    study_spec = load_spec(spec, overrides or [])
-    prepared = prepare_data(study_spec.data, study_spec.source, study_spec.target)
-    check_episode_shapes(study_spec, prepared)
-    setups = [LearnerSetup.from_spec(study_spec, a, prepared) for a in study_spec.algorithms]
-    for setup in setups:
-        setup.build()  # bad backbone or hyperparameter options fail here, before MLflow is touched
+    plan = plan_study(load_spec(spec, overrides or []))
     flow_run_id = str(flow_run.id)
-    run = start_study_run(
-        study_spec, tracking_uri or default_tracking_uri(), {"prefect_flow_run_id": flow_run_id}
-    )
-    log_dataset(run, study_spec, prepared.fingerprint, sum(prepared.rows_per_domain.values()))
-    try:
-        results = [
-            result
-            for setup in setups
-            for seed in study_spec.seeds
-            for result in _train_and_evaluate(study_spec, prepared, setup, seed, run, flow_run_id)
-        ]
-        summary = report_study(run, study_spec, results)
-    except BaseException:
-        run.client.set_terminated(run.run_id, "FAILED")
-        raise
-    run.client.set_terminated(run.run_id, "FINISHED")
+    run = open_study_run(plan, tracking_uri, {"prefect_flow_run_id": flow_run_id})
+    with terminating(run):
+        results = log_study(plan, run, submit_study(plan), flow_run_id)
+        summary = report_study(run, plan.spec, results)
     return summary.to_dict(orient="records")
-
-
-def _train_and_evaluate(
-    spec: StudySpec, prepared: PreparedData, setup: LearnerSetup, seed: int, run: StudyRun, flow_run_id: str
-) -> list[Result]:
-    trained_state = train_model(
-        setup,
-        prepared.source_train,
-        prepared.source_val,
-        spec.train,
-        shots=spec.train_shots,
-        queries=spec.episodes.queries,
-        seed=seed,
-        return_state=True,
-    )
-    trained = trained_state.result()
-    results = []
-    for target in spec.target:
-        for shots in spec.episodes.shots:
-            state = evaluate_model(
-                setup,
-                trained,
-                prepared.targets[target],
-                shots=shots,
-                queries=spec.episodes.queries,
-                episodes=spec.episodes.eval_episodes,
-                episode_seed=derive_seed(seed, "evaluation", target, shots),
-                device=spec.train.device,
-                return_state=True,
-            )
-            results.append(
-                log_evaluation(
-                    run,
-                    spec,
-                    setup,
-                    trained,
-                    state.result(),
-                    seed=seed,
-                    target=target,
-                    shots=shots,
-                    flow_run_id=flow_run_id,
-                    cached=state.name == "Cached",
-                )
-            )
-    return results

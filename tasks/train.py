@@ -8,6 +8,7 @@ from typing import Any
 
 import torch
 from prefect import task
+from prefect.deployments import run_deployment
 from prefect.logging import get_run_logger
 
 from adaptflow.spec import Options, StudySpec, TrainSpec
@@ -15,6 +16,7 @@ from metalib import EpisodeSampler, TrainingHistory, algorithms, backbones, meta
 from metalib.algorithms import Algorithm
 from metalib.device import resolve_device
 from metalib.seeding import derive_seed
+from tasks.artifacts import TrainingProgress
 from tasks.caching import stable_inputs
 from tasks.prepare import Pool, PreparedData
 
@@ -92,6 +94,19 @@ def train_model(
     validation = EpisodeSampler(
         source_val.x, source_val.y, setup.ways, shots, queries, derive_seed(seed, "validation")
     ).sample(train.val_episodes)
+    progress = TrainingProgress(train.steps, f"meta-training {setup.algorithm}, seed {seed}, on {device}")
+
+    def on_validate(step: int, acc: float) -> None:
+        logger.info(
+            "%s seed %d step %d/%d: source validation accuracy %.3f",
+            setup.algorithm,
+            seed,
+            step,
+            train.steps,
+            acc,
+        )
+        progress.update(step)
+
     started = time.perf_counter()
     history = meta_train(
         learner,
@@ -101,14 +116,7 @@ def train_model(
         validation=validation,
         val_every=train.val_every,
         device=device,
-        on_validate=lambda step, acc: logger.info(
-            "%s seed %d step %d/%d: source validation accuracy %.3f",
-            setup.algorithm,
-            seed,
-            step,
-            train.steps,
-            acc,
-        ),
+        on_validate=on_validate,
     )
     seconds = time.perf_counter() - started
     logger.info(
@@ -122,3 +130,14 @@ def train_model(
     )
     state = {name: tensor.detach().cpu() for name, tensor in learner.state_dict().items()}
     return TrainedModel(state=state, history=history, seconds=seconds)
+
+
+@task(name="train-on-pool", tags=["cpu"])
+def train_on_pool(deployment: str, spec: dict[str, Any], algorithm: int, seed: int) -> TrainedModel:
+    """Runs one (algorithm, seed) of `spec` as a flow run of `deployment` (the `train` flow on another
+    work pool) and returns its result, read from the result storage both hosts share."""
+    run = run_deployment(deployment, parameters={"spec": spec, "algorithm": algorithm, "seed": seed})
+    if run.state is None or not run.state.is_completed():
+        state = run.state.name if run.state else "without a state"
+        raise RuntimeError(f"training run {run.name} of {deployment} ended {state}; see it in the Prefect UI")
+    return run.state.result()
