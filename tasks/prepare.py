@@ -91,7 +91,8 @@ def load_table(
         loaded = datasets.load_dataset(path, config, data_files=data_files, split=split, revision=revision)
     except FileNotFoundError as exc:
         raise StudyError(
-            f"data path {path!r} was not found as a local folder, file or hub dataset ({exc}). "
+            f"data path {path!r} was not found as a local folder, file or hub dataset "
+            f"({str(exc).split(' with any supported extension')[0]}). "
             "Check the path, or give data_files."
         ) from None
     except ConnectionError as exc:
