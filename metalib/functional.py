@@ -18,7 +18,10 @@ from metalib.backbones.conv4 import BatchNorm
 from metalib.episodes import EpisodeBatch
 
 Params = dict[str, torch.Tensor]
-TaskFn = Callable[[Params, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], tuple[torch.Tensor, ...]]
+TaskFn = Callable[
+    [Params, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor],
+    tuple[torch.Tensor, dict[str, torch.Tensor]],
+]
 
 BN_MODES = ("transductive", "per_task")
 EXECUTIONS = ("auto", "loop", "vmap")
@@ -98,22 +101,23 @@ def resolve_execution(execution: str, device: torch.device) -> str:
     return execution
 
 
-def meta_backward(task_fn: TaskFn, params: Params, batch: EpisodeBatch, execution: str) -> torch.Tensor:
-    """Backpropagates the mean over tasks of `task_fn`'s first output; returns all outputs averaged.
+def meta_backward(task_fn: TaskFn, params: Params, batch: EpisodeBatch, execution: str) -> dict[str, float]:
+    """Backpropagates the mean over tasks of `task_fn`'s objective; returns its metrics averaged over tasks.
 
-    `task_fn(params, support_x, support_y, query_x, query_y)` returns (loss, *metrics) for one
+    `task_fn(params, support_x, support_y, query_x, query_y)` returns (objective, metrics) for one
     task. The loop backpropagates task by task, so only one task's graph is alive at a time.
     """
     tensors = (batch.support_x, batch.support_y, batch.query_x, batch.query_y)
     if execution == "vmap":
-        outputs = torch.stack(
-            vmap(task_fn, in_dims=(None, 0, 0, 0, 0), randomness="different")(params, *tensors), -1
+        objectives, metrics = vmap(task_fn, in_dims=(None, 0, 0, 0, 0), randomness="different")(
+            params, *tensors
         )
-        outputs[:, 0].mean().backward()
-        return outputs.detach().mean(0)
-    per_task = []
+        objectives.mean().backward()
+        return {name: values.mean().item() for name, values in metrics.items()}
+    per_task: dict[str, list[torch.Tensor]] = {}
     for task in zip(*tensors):
-        outputs = torch.stack(task_fn(params, *task))
-        (outputs[0] / batch.num_tasks).backward()
-        per_task.append(outputs.detach())
-    return torch.stack(per_task).mean(0)
+        objective, metrics = task_fn(params, *task)
+        (objective / batch.num_tasks).backward()
+        for name, value in metrics.items():
+            per_task.setdefault(name, []).append(value.detach())
+    return {name: torch.stack(values).mean().item() for name, values in per_task.items()}

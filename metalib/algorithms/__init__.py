@@ -39,6 +39,6 @@ def names() -> list[str]:
     return REGISTRY.names()
 
 
-from metalib.algorithms import finetune, maml, protonet, source_only  # noqa: E402,F401
+from metalib.algorithms import anil, finetune, maml, metasgd, protonet, reptile, source_only  # noqa: E402,F401
 
 __all__ = ["Algorithm", "HParams", "create", "make_hparams", "names"]

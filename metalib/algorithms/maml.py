@@ -84,28 +84,28 @@ class MAML(Algorithm):
     def query_logits(self, params: Params, support_x: torch.Tensor, query_x: torch.Tensor) -> torch.Tensor:
         return functional.query_forward(self.net, params, support_x, query_x, self.hparams.bn_mode)
 
-    def task_metrics(
+    def task_objective(
         self,
         params: Params,
         support_x: torch.Tensor,
         support_y: torch.Tensor,
         query_x: torch.Tensor,
         query_y: torch.Tensor,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Query loss and accuracy of one task after the training-time inner loop."""
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """One task's query loss after the training-time inner loop, and its metrics."""
         hp = self.hparams
         fast = self.inner_loop(params, support_x, support_y, steps=hp.inner_steps, first_order=hp.first_order)
         logits = self.query_logits(fast, support_x, query_x)
         loss = F.cross_entropy(logits, query_y)
-        return loss, (logits.argmax(-1) == query_y).to(loss.dtype).mean()
+        return loss, {"loss": loss.detach(), "acc": (logits.argmax(-1) == query_y).to(loss.dtype).mean()}
 
     def meta_train_step(self, batch: EpisodeBatch) -> dict[str, float]:
         self.train()
         self.optimizer.zero_grad(set_to_none=True)
         execution = functional.resolve_execution(self.hparams.execution, batch.query_x.device)
-        loss, acc = functional.meta_backward(self.task_metrics, self.params(), batch, execution).tolist()
+        metrics = functional.meta_backward(self.task_objective, self.params(), batch, execution)
         self.optimizer.step()
-        return {"loss": loss, "acc": acc}
+        return metrics
 
     def adapt(self, support_x: torch.Tensor, support_y: torch.Tensor) -> Predictor:
         """`inner_steps_eval` steps from the meta-learned start; no graph is kept."""
