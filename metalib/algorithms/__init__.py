@@ -39,6 +39,19 @@ def names() -> list[str]:
     return REGISTRY.names()
 
 
-from metalib.algorithms import anil, finetune, maml, metasgd, protonet, reptile, source_only  # noqa: E402,F401
+from metalib.algorithms import (  # noqa: E402,F401
+    anil,
+    baseline_pp,
+    cnp,
+    dann,
+    finetune,
+    lstm_meta,
+    maml,
+    matchingnet,
+    metasgd,
+    protonet,
+    reptile,
+    source_only,
+)
 
 __all__ = ["Algorithm", "HParams", "create", "make_hparams", "names"]

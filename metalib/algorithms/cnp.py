@@ -4,7 +4,8 @@ Each support pair (embedding of x, one-hot y) is encoded to a representation; a 
 aggregates them, so the prediction does not depend on support order; a decoder maps a
 query embedding and the aggregate to logits. With `aggregate="class"` there is one mean per
 class and the decoder scores each (query, class representation) pair; with "mean" one mean
-over the whole support set is decoded to all `ways` logits at once.
+over the whole support set is decoded to all `ways` logits at once. "mean" must untangle the
+classes from one vector and learns far more slowly (on Office-Caltech, not within 600 steps).
 """
 
 from __future__ import annotations
