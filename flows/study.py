@@ -98,31 +98,48 @@ def trains_on_gpu_pool(spec: StudySpec) -> bool:
     return spec.train.device.startswith("cuda") and deployment.id is not None
 
 
-def submit_study(plan: StudyPlan) -> list[PendingEvaluation]:
-    """Submits one train task per (algorithm, seed) and its evaluations, without waiting for any."""
-    spec, prepared = plan.spec, plan.prepared
+def submit_training(plan: StudyPlan) -> dict[tuple[int, int], PrefectFuture[TrainedModel]]:
+    """Submits one train task per (algorithm index, seed), without waiting for any.
+
+    Submit every training before any evaluation: a task runner resolves a task's upstream
+    futures in a bounded pool of threads, so evaluations queued first would hold those threads
+    while the trainings they wait for could not even be submitted.
+    """
+    spec = plan.spec
     on_gpu_pool = trains_on_gpu_pool(spec)
+    return {
+        (index, seed): (
+            train_on_pool.submit(GPU_TRAINING, spec.model_dump(mode="json"), index, seed)
+            if on_gpu_pool
+            else train_model.submit(**training_inputs(plan, setup, seed))
+        )
+        for index, setup in enumerate(plan.setups)
+        for seed in spec.seeds
+    }
+
+
+def submit_evaluation(
+    plan: StudyPlan, trainings: dict[tuple[int, int], PrefectFuture[TrainedModel]]
+) -> list[PendingEvaluation]:
+    """Submits every (target, shots) evaluation of every trained model, without waiting for any."""
+    spec, prepared = plan.spec, plan.prepared
+    device = "auto" if trains_on_gpu_pool(spec) else spec.train.device
     pending = []
-    for index, setup in enumerate(plan.setups):
-        for seed in spec.seeds:
-            trained = (
-                train_on_pool.submit(GPU_TRAINING, spec.model_dump(mode="json"), index, seed)
-                if on_gpu_pool
-                else train_model.submit(**training_inputs(plan, setup, seed))
-            )
-            for target in spec.target:
-                for shots in spec.episodes.shots:
-                    evaluation = evaluate_model.submit(
-                        setup,
-                        trained,
-                        prepared.targets[target],
-                        shots=shots,
-                        queries=spec.episodes.queries,
-                        episodes=spec.episodes.eval_episodes,
-                        episode_seed=derive_seed(seed, "evaluation", target, shots),
-                        device="auto" if on_gpu_pool else spec.train.device,
-                    )
-                    pending.append(PendingEvaluation(setup, seed, target, shots, trained, evaluation))
+    for (index, seed), trained in trainings.items():
+        setup = plan.setups[index]
+        for target in spec.target:
+            for shots in spec.episodes.shots:
+                evaluation = evaluate_model.submit(
+                    setup,
+                    trained,
+                    prepared.targets[target],
+                    shots=shots,
+                    queries=spec.episodes.queries,
+                    episodes=spec.episodes.eval_episodes,
+                    episode_seed=derive_seed(seed, "evaluation", target, shots),
+                    device=device,
+                )
+                pending.append(PendingEvaluation(setup, seed, target, shots, trained, evaluation))
     return pending
 
 
@@ -174,6 +191,7 @@ def study(
     flow_run_id = str(flow_run.id)
     run = open_study_run(plan, tracking_uri, {"prefect_flow_run_id": flow_run_id})
     with terminating(run):
-        results = log_study(plan, run, submit_study(plan), flow_run_id)
+        pending = submit_evaluation(plan, submit_training(plan))
+        results = log_study(plan, run, pending, flow_run_id)
         summary = report_study(run, plan.spec, results)
     return summary.to_dict(orient="records")

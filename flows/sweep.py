@@ -20,7 +20,14 @@ from prefect.task_runners import ProcessPoolTaskRunner
 from pydantic import BaseModel, ConfigDict, Field
 
 from adaptflow.spec import load_spec
-from flows.study import log_study, open_study_run, plan_study, submit_study, terminating
+from flows.study import (
+    log_study,
+    open_study_run,
+    plan_study,
+    submit_evaluation,
+    submit_training,
+    terminating,
+)
 from tasks.report import report_study
 
 
@@ -62,7 +69,8 @@ def sweep(
     flow_run_id = str(flow_run.id)
     tags = {"prefect_flow_run_id": flow_run_id, "prefect_flow": "sweep"}
     runs = [open_study_run(plan, tracking_uri, tags) for plan in plans]
-    pending = [submit_study(plan) for plan in plans]
+    trainings = [submit_training(plan) for plan in plans]  # all of them before any evaluation
+    pending = [submit_evaluation(plan, models) for plan, models in zip(plans, trainings, strict=True)]
     rows: list[dict[str, Any]] = []
     for plan, run, items in zip(plans, runs, pending, strict=True):
         with terminating(run):
