@@ -13,6 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
+from adaptflow.cli import main
 from adaptflow.errors import StudyError
 from adaptflow.spec import DataSpec, Options, load_spec
 from tasks.prepare import PreparedData, prepare
@@ -168,3 +169,41 @@ def test_default_text_backbone_trains_on_prepared_text(tmp_path: Path) -> None:
     assert setup.backbone == "text_bag"
     net = setup.build().net
     assert net(prepared.targets["b"].x).shape == (20, 2)
+
+
+TINY = [
+    "--set", "train.steps=2", "--set", "train.val_every=1", "--set", "train.val_episodes=2",
+    "--set", "train.meta_batch=2", "--set", "episodes.eval_episodes=3", "--set", "episodes.shots=[1]",
+]  # fmt: skip
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("spec", "targets", "backbone", "runs"),
+    [
+        ("studies/digits.yaml", ["optdigits"], "conv4", 1),
+        ("studies/amazon_sentiment.yaml", ["electronics", "kitchen"], "text_bag", 2),
+    ],
+)
+def test_image_and_text_studies_run_end_to_end(
+    prefect_server: None, tracking_uri: str, spec: str, targets: list[str], backbone: str, runs: int
+) -> None:
+    """The two example studies through the real flow (tiny budget); a rerun reuses every cached task."""
+    from mlflow.tracking import MlflowClient
+
+    for _ in range(runs):
+        assert main(["run", spec, *TINY, "--tracking-uri", tracking_uri]) == 0
+    client = MlflowClient(tracking_uri=tracking_uri)
+    experiment = client.get_experiment_by_name(load_spec(spec).name)
+    children = [
+        run
+        for run in client.search_runs([experiment.experiment_id], max_results=100)
+        if "mlflow.parentRunId" in run.data.tags
+    ]
+    evaluations = sorted((algorithm, target) for algorithm in ("maml", "protonet") for target in targets)
+    assert sorted((r.data.tags["algorithm"], r.data.tags["target_domain"]) for r in children) == sorted(
+        evaluations * runs
+    )
+    assert all(run.data.params["backbone.name"] == backbone for run in children)
+    reused = sorted(run.data.tags["reused_cached_results"] for run in children)
+    assert reused == ["false"] * len(evaluations) + ["true"] * len(evaluations) * (runs - 1)
