@@ -348,9 +348,9 @@ def _image_tensor(table: datasets.Dataset, column: str, size: int, channels: int
 
 
 def _integer_pixels(feature: Any) -> bool:
-    while not isinstance(feature, datasets.Value):
+    while isinstance(feature, datasets.List | datasets.LargeList | datasets.Sequence):
         feature = feature.feature
-    return "int" in feature.dtype
+    return "int" in feature.dtype  # Value and Array2D/3D both name their dtype
 
 
 def _channels_first(pixels: torch.Tensor, channels: int, column: str) -> torch.Tensor:
@@ -368,7 +368,7 @@ def _channels_first(pixels: torch.Tensor, channels: int, column: str) -> torch.T
             )
     if pixels.dim() == 2:
         pixels = pixels.unsqueeze(-1)
-    pixels = pixels[..., :3].permute(2, 0, 1)
+    pixels = (pixels[..., :1] if pixels.shape[-1] == 2 else pixels[..., :3]).permute(2, 0, 1)  # no alpha
     if pixels.shape[0] == channels:
         return pixels
     if channels == 1:

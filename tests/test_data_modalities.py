@@ -98,12 +98,18 @@ def test_pixel_lists_of_several_native_sizes_are_resized(tmp_path: Path) -> None
     assert prepared.modality == "image" and prepared.input_shape == (1, 20, 20)
     assert prepared.targets["small"].x.shape == (6, 1, 20, 20)
 
-    nested = [
-        write(tmp_path / "nested", "a", rows("a", 12, True)),
-        write(tmp_path / "nested", "b", rows("b", 9, True)),
-    ]
-    prepared = prepare_files(nested, ["a"], ["b"], input="pixels", image_size=12)
+    array = datasets.Features(
+        {"pixels": datasets.Array2D((9, 9), "uint8"), "label": datasets.Value("int64"),
+         "domain": datasets.Value("string")}
+    )  # fmt: skip
+    domains = {  # nested lists of one size, and a fixed-shape Array2D of another
+        "a": {"path": "parquet", "data_files": write(tmp_path / "a", "a", rows("a", 12, True))},
+        "b": {"path": "parquet", "data_files": write(tmp_path / "b", "b", rows("b", 9, True), array)},
+    }
+    prepared = prepare(DataSpec(domains=domains, input="pixels", image_size=12), ["a"], ["b"], cache=None)
     assert prepared.modality == "image" and prepared.input_shape == (3, 12, 12)
+    gray = prepared.targets["b"].x
+    assert torch.equal(gray[:, 0], gray[:, 2])  # gray arrays repeated into 3 channels
 
 
 def test_flat_pixel_list_that_is_not_square_is_a_clear_error(tmp_path: Path) -> None:
