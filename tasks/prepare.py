@@ -268,7 +268,8 @@ def _modality(domains: dict[str, Domain], data: DataSpec) -> str:
         raise StudyError(f"the input columns hold different kinds of data per domain: {found}; align them.")
     modality = next(iter(found.values()))
     if modality is None:
-        feature = next(iter(domains.values())).table.features[next(iter(domains.values())).input]
+        first = next(iter(domains.values()))
+        feature = first.table.features[first.input]
         raise StudyError(
             f"cannot tell text, image or feature vectors from the input column's type {feature}; "
             "set data.modality (text, image or features) or data.input."

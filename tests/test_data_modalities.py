@@ -145,6 +145,8 @@ def test_modality_override_is_checked(tmp_path: Path) -> None:
     rows = {"text": ["one", "two"], "label": [0, 1], "domain": ["a", "b"]}
     with pytest.raises(StudyError, match="does not hold numeric feature vectors"):
         prepare_files([write(tmp_path, "t", rows)], ["a"], ["b"], input="text", modality="features")
+    with pytest.raises(StudyError, match="cannot tell text, image or feature vectors.*set data.modality"):
+        prepare_files([write(tmp_path, "t", rows)], ["a"], ["b"], input="label")
 
 
 @pytest.mark.parametrize(
