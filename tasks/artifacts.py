@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import os
 import re
+from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
 from prefect.artifacts import create_link_artifact, create_progress_artifact, update_progress_artifact
 
 from adaptflow.spec import StudySpec
-from tasks.tracking import StudyRun
+
+if TYPE_CHECKING:  # not at run time: train-task processes need not import MLflow
+    from tasks.tracking import StudyRun
 
 
 def mlflow_ui_url(tracking_uri: str) -> str:
