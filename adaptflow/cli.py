@@ -37,10 +37,29 @@ def main(argv: list[str] | None = None) -> int:
                 default=None,
                 help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite:///./mlflow.db)",
             )
+    compare = commands.add_parser(
+        "compare",
+        help="compare an experiment's runs: accuracy ± 95%% CI, paired tests against a baseline, plots",
+        description="Reads the experiment's child runs from MLflow (the latest per algorithm, source, "
+        "target, shots and seed), prints the comparison, and writes it with two plots to --out "
+        "(also logged to the latest study run).",
+    )
+    compare.add_argument("experiment", help="MLflow experiment name (the spec's `name`)")
+    compare.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default as for run)")
+    compare.add_argument("--format", default="table", choices=["table", "markdown", "csv", "latex"])
+    compare.add_argument(
+        "--by",
+        default="algorithm,target_domain,shots",
+        help="grouping: algorithm first (rows), then any of target_domain, shots, seed, source_domains",
+    )
+    compare.add_argument("--baseline", default="finetune", help="algorithm the others are tested against")
+    compare.add_argument("--out", default="reports", help="folder for the table and plots (default reports/)")
     args = parser.parse_args(argv)
     try:
         if args.command == "validate":
             return _validate(args.spec, args.overrides)
+        if args.command == "compare":
+            return _compare(args)
         return _run(args.spec, args.overrides, args.tracking_uri)
     except StudyError as exc:
         print(f"adaptflow: error: {exc}", file=sys.stderr)
@@ -85,6 +104,19 @@ def _run(spec_path: str, overrides: list[str], tracking_uri: str | None) -> int:
     print(
         f"  PREFECT_HOME={settings.DEFAULTS['PREFECT_HOME']} prefect server start   # then http://127.0.0.1:4200"
     )
+    return 0
+
+
+def _compare(args: argparse.Namespace) -> int:
+    from mlflow.tracking import MlflowClient
+
+    from tasks.compare import compare, render, write_outputs
+
+    client = MlflowClient(tracking_uri=args.tracking_uri or settings.default_tracking_uri())
+    comparison = compare(client, args.experiment, args.baseline, args.by.split(","))
+    print(render(comparison, args.format))
+    files = write_outputs(client, args.experiment, comparison, args.format, Path(args.out))
+    print("\nwritten: " + ", ".join(str(path) for path in files))
     return 0
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 import torch
+from scipy import stats
 
 from metalib.algorithms import Algorithm
 from metalib.episodes import EpisodeBatch, EpisodeSampler
@@ -42,3 +43,21 @@ def mean_ci95(accuracies: torch.Tensor) -> tuple[float, float]:
         raise ValueError("no episodes to summarise")
     std = accuracies.double().std().item() if n > 1 else 0.0
     return accuracies.double().mean().item(), 1.96 * std / math.sqrt(n)
+
+
+def paired_t_test(a: torch.Tensor, b: torch.Tensor) -> tuple[float, float]:
+    """Mean of a - b and the two-sided p-value of a paired t-test.
+
+    a[i] and b[i] must come from the same episode (same support and query sets), as
+    evaluations with the same (seed, target, shots) do.
+    """
+    if a.shape != b.shape or a.numel() < 2:
+        raise ValueError(
+            f"need two equal-length samples of 2 or more, got {tuple(a.shape)} and {tuple(b.shape)}"
+        )
+    differences = a.double() - b.double()
+    mean, std = differences.mean().item(), differences.std().item()
+    if std == 0:
+        return mean, 1.0 if mean == 0 else 0.0
+    t = mean / (std / math.sqrt(differences.numel()))
+    return mean, float(2 * stats.t.sf(abs(t), differences.numel() - 1))

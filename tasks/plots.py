@@ -5,6 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import matplotlib
+import numpy as np
+import pandas as pd
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -29,6 +31,48 @@ def learning_curve(
     acc_axis.axvline(best_step, color="grey", linestyle="--", linewidth=1)
     acc_axis.text(best_step, acc_axis.get_ylim()[0], " kept", color="grey", fontsize=8, va="bottom")
     figure.suptitle(title)
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+    return path
+
+
+def accuracy_vs_shots(summary: pd.DataFrame, path: Path) -> Path:
+    """One panel per target: accuracy against shots for each algorithm, with 95% CI bands."""
+    targets = list(dict.fromkeys(summary.target))
+    figure, axes = plt.subplots(1, len(targets), figsize=(4.2 * len(targets), 3.6), squeeze=False)
+    for axis, target in zip(axes[0], targets):
+        for algorithm, rows in summary[summary.target == target].groupby("algorithm", sort=False):
+            rows = rows.sort_values("shots")
+            axis.plot(rows.shots, 100 * rows.acc, marker="o", label=algorithm)
+            axis.fill_between(
+                rows.shots, 100 * (rows.acc - rows.ci95), 100 * (rows.acc + rows.ci95), alpha=0.2
+            )
+        axis.set_title(f"target: {target}")
+        axis.set_xlabel("shots")
+        axis.set_xticks(sorted(summary.shots.unique()))
+        axis.grid(alpha=0.3)
+    axes[0][0].set_ylabel("accuracy (%)")
+    axes[0][-1].legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+    return path
+
+
+def accuracy_heatmap(summary: pd.DataFrame, path: Path) -> Path:
+    """Target domain x algorithm accuracy, one panel per shot count."""
+    shots = sorted(summary.shots.unique())
+    figure, axes = plt.subplots(1, len(shots), figsize=(4.5 * len(shots), 3.8), squeeze=False)
+    for axis, k in zip(axes[0], shots):
+        grid = summary[summary.shots == k].pivot(index="target", columns="algorithm", values="acc") * 100
+        image = axis.imshow(grid.values, cmap="viridis", aspect="auto")
+        axis.set_xticks(range(len(grid.columns)), grid.columns, rotation=30, ha="right")
+        axis.set_yticks(range(len(grid.index)), grid.index)
+        for (i, j), value in np.ndenumerate(grid.values):
+            axis.text(j, i, f"{value:.1f}", ha="center", va="center", color="white", fontsize=8)
+        axis.set_title(f"{k}-shot accuracy (%)")
+        figure.colorbar(image, ax=axis, fraction=0.046)
     figure.tight_layout()
     figure.savefig(path, dpi=100)
     plt.close(figure)

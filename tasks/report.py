@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import tempfile
 from dataclasses import dataclass
@@ -17,6 +18,8 @@ from tasks.evaluate import Evaluation
 from tasks.plots import learning_curve
 from tasks.tracking import StudyRun, log_file, log_flat, log_yaml, start_child_run
 from tasks.train import LearnerSetup, TrainedModel
+
+EPISODES_ARTIFACT = "episode_accuracies.json"  # per-episode accuracies, for paired comparisons
 
 
 @dataclass(frozen=True)
@@ -52,6 +55,7 @@ def log_evaluation(
     """A child run with the tags, params, metrics and artifacts a comparison needs."""
     name = f"{setup.algorithm}·{target}·{shots}shot·seed{seed}"
     tags = {
+        "kind": "evaluation",
         "algorithm": setup.algorithm,
         "source_domains": ",".join(spec.source),
         "target_domain": target,
@@ -60,6 +64,7 @@ def log_evaluation(
         "seed": str(seed),
         "prefect_flow_run_id": flow_run_id,
         "reused_cached_results": str(cached).lower(),
+        "model_selection": "best source-validation accuracy",
     }
     client = study.client
     run_id = start_child_run(study, name, tags)
@@ -83,6 +88,9 @@ def log_evaluation(
         weights = Path(folder) / "weights.pt"
         torch.save(trained.state, weights)
         log_file(client, run_id, weights)
+        episodes = Path(folder) / EPISODES_ARTIFACT
+        episodes.write_text(json.dumps(evaluation.accuracies.tolist()))
+        log_file(client, run_id, episodes)
         curve = learning_curve(
             trained.history.curves, trained.history.best_step, name, Path(folder) / "learning_curve.png"
         )
@@ -102,25 +110,24 @@ def log_evaluation(
     )
 
 
-def summarise(results: list[Result]) -> pd.DataFrame:
-    """Per algorithm x target x shots: mean accuracy over all episodes of all seeds, its 95% CI,
-    and the spread of the per-seed means."""
-    groups: dict[tuple[str, str, int], list[Result]] = {}
-    for result in results:
-        groups.setdefault((result.algorithm, result.target, result.shots), []).append(result)
+def summarise(runs: pd.DataFrame, by: list[str] | None = None) -> pd.DataFrame:
+    """Accuracy per group of runs (default algorithm x target x shots): the mean over all
+    episodes of all seeds, its 95% CI, and the spread of the per-seed means.
+
+    `runs` has one row per evaluation with `acc` and its per-episode `accuracies`.
+    """
+    by = by or ["algorithm", "target", "shots"]
     rows = []
-    for (algorithm, target, shots), members in groups.items():
-        episodes = torch.cat([member.accuracies for member in members]).double()
-        seed_means = torch.tensor([member.acc for member in members], dtype=torch.float64)
+    for key, members in runs.groupby(by, sort=False):
+        episodes = torch.cat(list(members.accuracies)).double()
+        seed_means = torch.tensor(list(members.acc), dtype=torch.float64)
         rows.append(
             {
-                "algorithm": algorithm,
-                "target": target,
-                "shots": shots,
+                **dict(zip(by, key)),
                 "acc": episodes.mean().item(),
                 "ci95": 1.96 * episodes.std().item() / math.sqrt(len(episodes)),
                 "seed_std": seed_means.std().item() if len(members) > 1 else 0.0,
-                "seeds": len(members),
+                "runs": len(members),
                 "episodes": len(episodes),
             }
         )
@@ -147,8 +154,9 @@ def format_table(summary: pd.DataFrame, markdown: bool = False) -> str:
 @task(name="report", tags=["cpu"])
 def report_study(study: StudyRun, spec: StudySpec, results: list[Result]) -> pd.DataFrame:
     """Logs the per-run and summary tables to the parent run and posts a Prefect artifact."""
-    summary = summarise(results)
-    per_run = pd.DataFrame([{k: v for k, v in vars(r).items() if k != "accuracies"} for r in results])
+    runs = pd.DataFrame([vars(result) for result in results])
+    summary = summarise(runs)
+    per_run = runs.drop(columns="accuracies")
     with tempfile.TemporaryDirectory() as folder:
         for frame, name in ((summary, "results.csv"), (per_run, "runs.csv")):
             path = Path(folder) / name

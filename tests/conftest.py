@@ -14,7 +14,10 @@ os.environ.pop("MLFLOW_TRACKING_URI", None)
 
 import pytest  # noqa: E402
 
-import adaptflow.settings  # noqa: E402,F401  (telemetry off before Prefect loads)
+# Telemetry off before Prefect loads; and Prefect sets up its log handlers now, on the session's
+# streams, not on a stream that one test's capsys later closes.
+import adaptflow.settings  # noqa: E402,F401
+import flows.study  # noqa: E402,F401
 
 ROOT = Path(__file__).resolve().parents[1]
 OFFICE = ROOT / "data" / "office_caltech10_surf"

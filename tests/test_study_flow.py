@@ -6,6 +6,7 @@ import csv
 from pathlib import Path
 
 import pytest
+from mlflow.entities import Run
 from mlflow.tracking import MlflowClient
 
 from adaptflow.cli import main
@@ -14,6 +15,7 @@ from tests.conftest import DEMO
 
 pytestmark = pytest.mark.slow
 
+FirstRun = tuple[str, Path]  # tracking URI, folder
 ALGORITHMS = ["protonet", "finetune"]
 SEEDS, TARGETS, SHOTS = [0, 1], ["webcam", "dslr"], [1, 5]
 SMALL = [
@@ -26,20 +28,20 @@ SMALL = [
 ]  # fmt: skip
 
 
-def runs_by_kind(client: MlflowClient, experiment_id: str) -> tuple[list, list]:
+def runs_by_kind(client: MlflowClient, experiment_id: str) -> tuple[list[Run], list[Run]]:
     runs = client.search_runs([experiment_id], max_results=1000)
     parents = [run for run in runs if run.data.tags.get("kind") == "study"]
     children = [run for run in runs if "mlflow.parentRunId" in run.data.tags]
     return parents, children
 
 
-def child_key(run) -> tuple[str, str, str, str]:  # type: ignore[no-untyped-def]
+def child_key(run: Run) -> tuple[str, str, str, str]:
     tags = run.data.tags
     return tags["algorithm"], tags["seed"], tags["target_domain"], tags["shots"]
 
 
 @pytest.fixture(scope="module")
-def first_run(prefect_server, tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
+def first_run(prefect_server: None, tmp_path_factory: pytest.TempPathFactory) -> FirstRun:
     """One real study run with a tiny budget; later tests rerun it against the same stores."""
     folder = tmp_path_factory.mktemp("study")
     uri = f"sqlite:///{folder / 'mlflow.db'}"
@@ -47,7 +49,9 @@ def first_run(prefect_server, tmp_path_factory: pytest.TempPathFactory):  # type
     return uri, folder
 
 
-def test_study_logs_a_parent_and_one_child_per_evaluation(first_run, capsys) -> None:  # type: ignore[no-untyped-def]
+def test_study_logs_a_parent_and_one_child_per_evaluation(
+    first_run: FirstRun, capsys: pytest.CaptureFixture[str]
+) -> None:
     uri, folder = first_run
     client = MlflowClient(tracking_uri=uri)
     experiment = client.get_experiment_by_name("office-caltech-demo")
@@ -84,14 +88,16 @@ def test_study_logs_a_parent_and_one_child_per_evaluation(first_run, capsys) -> 
     table = Path(client.download_artifacts(parent.info.run_id, "results.csv", str(folder)))
     rows = list(csv.DictReader(table.open()))
     assert len(rows) == len(ALGORITHMS) * len(TARGETS) * len(SHOTS)
-    assert all(row["seeds"] == "2" and row["episodes"] == "60" for row in rows)
+    assert all(row["runs"] == "2" and row["episodes"] == "60" for row in rows)
     by_key = {child_key(run): run.data.metrics["acc"] for run in children}
     for row in rows:
         seed_means = [by_key[(row["algorithm"], str(s), row["target"], row["shots"])] for s in SEEDS]
         assert float(row["acc"]) == pytest.approx(sum(seed_means) / 2)
 
 
-def test_rerun_reuses_cached_work_and_reproduces_the_numbers(first_run, capsys) -> None:  # type: ignore[no-untyped-def]
+def test_rerun_reuses_cached_work_and_reproduces_the_numbers(
+    first_run: FirstRun, capsys: pytest.CaptureFixture[str]
+) -> None:
     uri, _ = first_run
     capsys.readouterr()
     assert main(["run", str(DEMO), *SMALL, "--tracking-uri", uri]) == 0
@@ -110,7 +116,7 @@ def test_rerun_reuses_cached_work_and_reproduces_the_numbers(first_run, capsys) 
     }
 
 
-def test_recomputing_with_the_same_seeds_gives_the_same_numbers(first_run) -> None:  # type: ignore[no-untyped-def]
+def test_recomputing_with_the_same_seeds_gives_the_same_numbers(first_run: FirstRun) -> None:
     """With Prefect's cache bypassed, training and evaluation run again and agree exactly."""
     from prefect.settings import PREFECT_TASKS_REFRESH_CACHE, temporary_settings
 
@@ -122,7 +128,7 @@ def test_recomputing_with_the_same_seeds_gives_the_same_numbers(first_run) -> No
     parents, children = runs_by_kind(client, experiment.experiment_id)
     first, *_, last = sorted(parents, key=lambda run: run.info.start_time)
 
-    def accuracies(parent) -> dict:  # type: ignore[no-untyped-def]
+    def accuracies(parent: Run) -> dict[tuple[str, ...], tuple[float, float]]:
         mine = [r for r in children if r.data.tags["mlflow.parentRunId"] == parent.info.run_id]
         return {child_key(r): (r.data.metrics["acc"], r.data.metrics["source_val_acc"]) for r in mine}
 
@@ -131,7 +137,7 @@ def test_recomputing_with_the_same_seeds_gives_the_same_numbers(first_run) -> No
     assert accuracies(last) == accuracies(first)
 
 
-def test_flow_rejects_bad_data_before_touching_mlflow(prefect_server, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_flow_rejects_bad_data_before_touching_mlflow(prefect_server: None, tmp_path: Path) -> None:
     """The flow itself (as a deployment runs it, without the CLI) validates before logging."""
     from flows.study import study
 

@@ -5,11 +5,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from metalib.algorithms import base
 from metalib.algorithms.base import REGISTRY, Predictor
+from metalib.algorithms.blocks import fit_head
 from metalib.algorithms.source_only import SourceOnly
 
 
@@ -27,14 +27,15 @@ class FineTune(SourceOnly):
         with torch.no_grad():
             features = self.net.encoder(support_x)
         head = nn.Linear(self.net.embed_dim, self.ways).to(features.device)
-        optimizer = torch.optim.Adam(
-            head.parameters(), lr=self.hparams.adapt_lr, weight_decay=self.hparams.adapt_weight_decay
+        hparams = self.hparams
+        fit_head(
+            head,
+            features,
+            support_y,
+            steps=hparams.adapt_steps,
+            lr=hparams.adapt_lr,
+            weight_decay=hparams.adapt_weight_decay,
         )
-        with torch.enable_grad():
-            for _ in range(self.hparams.adapt_steps):
-                optimizer.zero_grad(set_to_none=True)
-                F.cross_entropy(head(features), support_y).backward()
-                optimizer.step()
 
         def predict(query_x: torch.Tensor) -> torch.Tensor:
             with torch.no_grad():

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from metalib.algorithms.base import REGISTRY, Algorithm, HParams, Predictor
+from metalib.algorithms.blocks import labelled_rows
 from metalib.algorithms.prototypes import class_means, distance_logits
 from metalib.backbones import Classifier
 from metalib.episodes import EpisodeBatch
@@ -25,9 +26,7 @@ class SourceOnly(Algorithm):
     def meta_train_step(self, batch: EpisodeBatch) -> dict[str, float]:
         """Supervised learning on every example of the batch, with global source labels."""
         self.train()
-        support_y, query_y = batch.global_labels()
-        x = torch.cat([batch.support_x.flatten(0, 1), batch.query_x.flatten(0, 1)])
-        y = torch.cat([support_y.flatten(), query_y.flatten()])
+        x, y = labelled_rows(batch)
         logits = self.source_head(self.net.encoder(x))
         loss = F.cross_entropy(logits, y)
         self.step(loss)

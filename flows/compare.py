@@ -1,0 +1,38 @@
+"""The `compare` flow: the comparison table and plots for an experiment, on demand or on a schedule."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from mlflow.tracking import MlflowClient
+from prefect import flow, task
+from prefect.artifacts import create_markdown_artifact
+
+from adaptflow.settings import default_tracking_uri
+from tasks.compare import compare, render, write_outputs
+
+
+@task(name="compare", tags=["cpu"])
+def compare_experiment(
+    experiment: str, tracking_uri: str, baseline: str, by: list[str] | None, out_dir: str
+) -> str:
+    client = MlflowClient(tracking_uri=tracking_uri)
+    comparison = compare(client, experiment, baseline, by)
+    write_outputs(client, experiment, comparison, "markdown", Path(out_dir))
+    markdown = render(comparison, "markdown")
+    create_markdown_artifact(markdown=f"## {experiment}\n\n{markdown}\n", key="comparison")
+    return markdown
+
+
+@flow(name="compare", log_prints=True)
+def compare_flow(
+    experiment: str,
+    tracking_uri: str | None = None,
+    baseline: str = "finetune",
+    by: list[str] | None = None,
+    out_dir: str = "reports",
+) -> str:
+    """Reads an experiment's child runs from MLflow; writes and logs the table and plots."""
+    markdown = compare_experiment(experiment, tracking_uri or default_tracking_uri(), baseline, by, out_dir)
+    print(markdown)
+    return markdown

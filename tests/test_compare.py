@@ -1,0 +1,216 @@
+"""`adaptflow compare` on experiments built by running real tiny studies."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from mlflow.entities import Run
+from mlflow.tracking import MlflowClient
+from scipy import stats
+
+from adaptflow.cli import main
+from adaptflow.errors import StudyError
+from tasks.compare import compare, render
+from tests.conftest import DEMO
+
+pytestmark = pytest.mark.slow
+
+TINY = [
+    "--set", "train.steps=10",
+    "--set", "train.val_every=5",
+    "--set", "train.val_episodes=10",
+    "--set", "episodes.eval_episodes=20",
+]  # fmt: skip
+Experiment = tuple[MlflowClient, Path]
+ALGORITHMS = "algorithms=[{name: protonet}, {name: source_only}, {name: finetune, adapt_steps: 10}]"
+
+
+@pytest.fixture(scope="module")
+def experiment(prefect_server: None, tmp_path_factory: pytest.TempPathFactory) -> Experiment:
+    folder = tmp_path_factory.mktemp("compare")
+    uri = f"sqlite:///{folder / 'mlflow.db'}"
+    args = [*TINY, "--set", ALGORITHMS, "--set", "seeds=[0, 1]", "--set", "name=compare-test"]
+    assert main(["run", str(DEMO), *args, "--tracking-uri", uri]) == 0
+    return MlflowClient(tracking_uri=uri), folder
+
+
+def episode_accuracies(client: MlflowClient, run_id: str, folder: Path) -> list[float]:
+    return json.loads(
+        Path(client.download_artifacts(run_id, "episode_accuracies.json", str(folder))).read_text()
+    )
+
+
+def test_table_and_confidence_intervals_match_the_runs(experiment: Experiment, tmp_path: Path) -> None:
+    client, _ = experiment
+    comparison = compare(client, "compare-test")
+    summary = comparison.summary
+    assert len(summary) == 3 * 2 * 2  # algorithms x targets x shots
+    runs = client.search_runs(
+        [client.get_experiment_by_name("compare-test").experiment_id], "tags.kind = 'evaluation'"
+    )
+    for _, row in summary.iterrows():
+        members = [
+            r for r in runs
+            if (r.data.tags["algorithm"], r.data.tags["target_domain"], int(r.data.tags["shots"]))
+            == (row.algorithm, row.target, row.shots)
+        ]  # fmt: skip
+        assert len(members) == 2  # two seeds
+        episodes = [a for r in members for a in episode_accuracies(client, r.info.run_id, tmp_path)]
+        assert row.acc == pytest.approx(sum(episodes) / len(episodes))
+        mean = sum(episodes) / len(episodes)
+        std = math.sqrt(sum((a - mean) ** 2 for a in episodes) / (len(episodes) - 1))
+        assert row.ci95 == pytest.approx(1.96 * std / math.sqrt(len(episodes)))
+        assert row.acc == pytest.approx(sum(r.data.metrics["acc"] for r in members) / 2)
+
+
+def test_paired_test_against_the_baseline_matches_a_hand_computation(
+    experiment: Experiment, tmp_path: Path
+) -> None:
+    client, _ = experiment
+    paired = compare(client, "compare-test", baseline="finetune").paired.set_index("algorithm")
+    assert set(paired.index) == {"protonet", "source_only"}
+    runs = client.search_runs(
+        [client.get_experiment_by_name("compare-test").experiment_id], "tags.kind = 'evaluation'"
+    )
+
+    def key(run: Run) -> tuple[str, str, str]:
+        tags = run.data.tags
+        return tags["target_domain"], tags["shots"], tags["seed"]
+
+    by_algorithm: dict[str, dict] = {}
+    for run in runs:
+        by_algorithm.setdefault(run.data.tags["algorithm"], {})[key(run)] = run.info.run_id
+    cells = sorted(by_algorithm["finetune"])
+    a = [x for cell in cells for x in episode_accuracies(client, by_algorithm["protonet"][cell], tmp_path)]
+    b = [x for cell in cells for x in episode_accuracies(client, by_algorithm["finetune"][cell], tmp_path)]
+    expected = stats.ttest_rel(a, b)
+    assert paired.at["protonet", "p_value"] == pytest.approx(expected.pvalue, rel=1e-9)
+    assert paired.at["protonet", "difference"] == pytest.approx(sum(a) / len(a) - sum(b) / len(b))
+    assert paired.at["protonet", "episodes"] == len(a) == 2 * 2 * 2 * 20
+    wins, ties, losses = map(int, paired.at["protonet", "win_tie_loss"].split("/"))
+    assert wins + ties + losses == 4  # one verdict per target x shots cell
+
+
+def test_formats_mark_the_best_and_average_over_targets(experiment: Experiment) -> None:
+    client, _ = experiment
+    comparison = compare(client, "compare-test")
+    markdown = render(comparison, "markdown")
+    header = markdown.splitlines()[0]
+    assert "avg 1-shot" in header and "avg 5-shot" in header and "dslr 5-shot" in header
+    for shots in (1, 5):
+        cells = comparison.summary[comparison.summary.shots == shots]
+        best = cells.loc[cells.groupby("target").acc.idxmax()]
+        for _, row in best.iterrows():
+            assert f"**{100 * row.acc:.1f} ± {100 * row.ci95:.1f}**" in markdown
+    assert "\\textbf{" in render(comparison, "latex")
+    csv_text = render(comparison, "csv")
+    assert csv_text.splitlines()[0].startswith("algorithm,target,shots,acc,ci95")
+    by_shots = compare(client, "compare-test", by=["algorithm", "shots"]).summary
+    assert len(by_shots) == 3 * 2 and set(by_shots.runs) == {4}  # pooled over 2 targets x 2 seeds
+
+
+def test_cli_writes_table_and_plots_and_logs_them(
+    experiment: Experiment, capsys: pytest.CaptureFixture[str]
+) -> None:
+    client, folder = experiment
+    out = folder / "report"
+    uri = client.tracking_uri
+    assert (
+        main(["compare", "compare-test", "--tracking-uri", uri, "--format", "markdown", "--out", str(out)])
+        == 0
+    )
+    printed = capsys.readouterr().out
+    assert "vs baseline finetune" in printed and "| protonet |" in printed
+    for name in ("comparison.md", "accuracy_vs_shots.png", "accuracy_heatmap.png"):
+        assert (out / name).stat().st_size > 0
+    assert (out / "accuracy_heatmap.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    experiment_id = client.get_experiment_by_name("compare-test").experiment_id
+    parent = client.search_runs([experiment_id], "tags.kind = 'study'")[0]
+    logged = {item.path for item in client.list_artifacts(parent.info.run_id, "compare")}
+    assert {
+        "compare/accuracy_vs_shots.png",
+        "compare/accuracy_heatmap.png",
+        "compare/comparison.md",
+    } <= logged
+
+
+def test_refuses_to_mix_protocols(prefect_server: None, tmp_path: Path) -> None:
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    common = [
+        *TINY,
+        "--set",
+        "algorithms=[{name: protonet}, {name: finetune, adapt_steps: 5}]",
+        "--set",
+        "name=mixed",
+    ]
+    assert main(["run", str(DEMO), *common, "--set", "seeds=[0]", "--tracking-uri", uri]) == 0
+    assert main(["run", str(DEMO), *common, "--set", "seeds=[1]", "--set", "episodes.queries=2",
+                 "--tracking-uri", uri]) == 0  # fmt: skip
+    with pytest.raises(StudyError, match="different protocols") as error:
+        compare(MlflowClient(tracking_uri=uri), "mixed")
+    message = str(error.value)
+    assert "episodes.queries differs" in message
+    assert "2: " in message and "3: " in message and "seed1" in message and "seed0" in message
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def test_study_and_compare_through_a_real_mlflow_server(
+    prefect_server: None, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    port = free_port()
+    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", "MLFLOW_DISABLE_TELEMETRY": "true"}
+    command = [
+        sys.executable, "-m", "mlflow", "server", "--workers", "1",
+        "--host", "127.0.0.1", "--port", str(port),
+        "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
+        "--artifacts-destination", str(tmp_path / "artifacts"),
+    ]  # fmt: skip
+    quiet = subprocess.DEVNULL
+    server = subprocess.Popen(command, env=env, start_new_session=True, stdout=quiet, stderr=quiet)
+    try:
+        uri = f"http://127.0.0.1:{port}"
+        deadline = time.time() + 120
+        while True:
+            try:
+                with urllib.request.urlopen(f"{uri}/health", timeout=2) as answer:
+                    if answer.status == 200:
+                        break
+            except OSError:
+                if time.time() > deadline or server.poll() is not None:
+                    raise
+                time.sleep(1)
+        args = [*TINY, "--set", "algorithms=[{name: protonet}, {name: finetune, adapt_steps: 5}]",
+                "--set", "seeds=[0]", "--set", "name=over-http"]  # fmt: skip
+        assert main(["run", str(DEMO), *args, "--tracking-uri", uri]) == 0
+        capsys.readouterr()
+        assert main(["compare", "over-http", "--tracking-uri", uri, "--out", str(tmp_path / "out")]) == 0
+        printed = capsys.readouterr().out
+        assert "protonet" in printed and "vs baseline finetune" in printed
+        assert any((tmp_path / "artifacts").rglob("episode_accuracies.json"))  # stored by the server
+        client = MlflowClient(uri)
+        experiment_id = client.get_experiment_by_name("over-http").experiment_id
+        parent = client.search_runs([experiment_id], "tags.kind = 'study'")[0].info.run_id
+        table = pd.read_csv(client.download_artifacts(parent, "results.csv", str(tmp_path)))
+        assert len(table) == 2 * 2 * 2
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        try:
+            server.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(server.pid, signal.SIGKILL)
