@@ -57,7 +57,7 @@ def validate_study(spec: StudySpec) -> PreparedData:
     prepared = prepare(spec.data, spec.source, spec.target)
     check_episode_shapes(spec, prepared)
     for algorithm in spec.algorithms:
-        LearnerSetup.from_spec(spec, algorithm, prepared).build()
+        LearnerSetup.from_spec(spec, algorithm, prepared).check()
     return prepared
 
 
@@ -67,7 +67,7 @@ def plan_study(spec: StudySpec) -> StudyPlan:
     check_episode_shapes(spec, prepared)
     setups = [LearnerSetup.from_spec(spec, algorithm, prepared) for algorithm in spec.algorithms]
     for setup in setups:
-        setup.build()  # bad backbone or hyperparameter options fail here
+        setup.check()
     return StudyPlan(spec, prepared, setups)
 
 

@@ -11,6 +11,7 @@ from prefect import task
 from prefect.deployments import run_deployment
 from prefect.logging import get_run_logger
 
+from adaptflow.errors import StudyError
 from adaptflow.spec import Options, StudySpec, TrainSpec
 from metalib import EpisodeSampler, TrainingHistory, algorithms, backbones, meta_train
 from metalib.algorithms import Algorithm
@@ -53,6 +54,13 @@ class LearnerSetup:
         return algorithms.create(
             self.algorithm, net, ways=self.ways, num_classes=self.num_classes, **self.hparams
         )
+
+    def check(self) -> None:
+        """Builds the learner once, so bad backbone or hyperparameter options fail before training."""
+        try:
+            self.build()
+        except (ValueError, TypeError) as exc:
+            raise StudyError(f"algorithm {self.algorithm!r} on backbone {self.backbone!r}: {exc}") from None
 
     def resolved_hparams(self) -> dict[str, Any]:
         """Every hyperparameter, defaults included (for logging)."""

@@ -95,6 +95,11 @@ def test_unknown_algorithm_and_hyperparameter(tmp_path: Path, capsys: pytest.Cap
     assert "distance must be 'euclidean' or 'cosine', not 'manhattan'" in err
 
 
+def test_bad_backbone_options(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    err = run_cli([str(DEMO), "--set", "backbone.widths=[64]"], tmp_path, capsys)
+    assert "on backbone 'mlp'" in err and "widths" in err
+
+
 def test_source_and_target_must_differ(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     err = run_cli([str(DEMO), "--set", "target=[webcam, amazon]"], tmp_path, capsys)
     assert "['amazon'] are both source and target" in err
