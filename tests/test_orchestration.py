@@ -114,19 +114,23 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
 
 @pytest.fixture(scope="module")
 def deployed(server: Server, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    """Both pools from deploy/work-pools, every deployment of prefect.yaml, and a cpu worker started
-    outside the project: the deployments' pull step must move runs into ADAPTFLOW_HOME."""
+    """Both pools from deploy/work-pools, every deployment of prefect.yaml, and a worker per pool
+    started outside the project: the deployments' pull step must move runs into ADAPTFLOW_HOME."""
     for pool in ("cpu", "gpu"):
         prefect(server, "work-pool", "create", pool, "--type", "process", "--base-job-template",
                 f"deploy/work-pools/{pool}.json")  # fmt: skip
     prefect(server, "--no-prompt", "deploy", "--all")
-    elsewhere = tmp_path_factory.mktemp("worker")
+    elsewhere = tmp_path_factory.mktemp("workers")
     env = {**server.env, "PREFECT_WORKER_QUERY_SECONDS": "1"}  # picks up runs at once
-    worker = start([PREFECT, "worker", "start", "--pool", "cpu"], env, elsewhere / "worker.log", elsewhere)
+    workers = [
+        start([PREFECT, "worker", "start", "--pool", pool, *limit], env, elsewhere / f"{pool}.log", elsewhere)
+        for pool, limit in (("cpu", []), ("gpu", ["--limit", "1"]))  # one worker per GPU, one run each
+    ]
     try:
         yield server
     finally:
-        stop(worker, grace=15)  # before the server: a worker can hang while the server shuts down
+        for worker in workers:  # before the server: a worker can hang while the server shuts down
+            stop(worker, grace=15)
 
 
 def run(server: Server, deployment: str, parameters: dict[str, Any]) -> Any:
@@ -234,3 +238,34 @@ def test_sweep_fans_out_and_resumes_from_its_cache(deployed: Server, tmp_path: P
     assert sorted({r.data.tags["prefect_flow_run_id"] for r in parents}) == sorted(
         [str(first.id), str(second.id)]
     )
+
+
+def test_training_goes_to_the_gpu_pool_and_comes_back(deployed: Server) -> None:
+    """What a `study` deployment run of a `train.device: cuda` spec does for each model, on CPU:
+    the `train-on-pool` task runs `train/gpu` on the gpu worker and reads the trained model back
+    from the result storage the two sides share."""
+    from prefect import flow
+    from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterName
+    from prefect.settings import PREFECT_API_URL, PREFECT_RESULTS_LOCAL_STORAGE_PATH, temporary_settings
+
+    from adaptflow.spec import load_spec
+    from flows.study import GPU_TRAINING
+    from tasks.train import TrainedModel, train_on_pool
+
+    spec = load_spec("studies/demo.yaml", [*TINY, "train.device=cpu"]).model_dump(mode="json")
+
+    @flow
+    def train_on_the_gpu_pool() -> TrainedModel:
+        return train_on_pool(GPU_TRAINING, spec, 0, 0)
+
+    shared = Path(deployed.env["PREFECT_HOME"]) / "storage"  # the workers' result storage
+    updates = {PREFECT_API_URL: deployed.api_url, PREFECT_RESULTS_LOCAL_STORAGE_PATH: shared}
+    with temporary_settings(updates=updates):
+        trained = train_on_the_gpu_pool()
+    assert trained.state and trained.history.best_step in (0, 5, 10) and trained.history.best_val_acc > 0.2
+    (remote,) = api(
+        deployed,
+        "read_flow_runs",
+        deployment_filter=DeploymentFilter(name=DeploymentFilterName(any_=["gpu"])),
+    )
+    assert remote.state.is_completed() and remote.work_pool_name == "gpu"
