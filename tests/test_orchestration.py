@@ -170,6 +170,7 @@ def test_deployments_from_prefect_yaml(deployed: Server) -> None:
     deployments = {d.name: d for d in api(deployed, "read_deployments")}
     assert set(deployments) == {"study", "sweep", "nightly-benchmark", "gpu"}
     assert [s.active for s in deployments["nightly-benchmark"].schedules] == [False]
+    assert deployments["sweep"].global_concurrency_limit.limit == 1
     assert deployments["gpu"].work_pool_name == "gpu" and deployments["study"].work_pool_name == "cpu"
     gpu_pool = api(deployed, "read_work_pool", work_pool_name="gpu")
     assert gpu_pool.base_job_template["variables"]["properties"]["env"]["default"] == {
