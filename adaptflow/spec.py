@@ -102,9 +102,14 @@ class Options(BaseModel):
 
     model_config = ConfigDict(extra="allow")
     name: str
+    label: str | None = None  # how results name it; tells apart two entries of one algorithm
 
     def options(self) -> dict[str, Any]:
         return dict(self.model_extra or {})
+
+    @property
+    def display_name(self) -> str:
+        return self.label or self.name
 
 
 class TrainSpec(Strict):
@@ -154,6 +159,13 @@ class StudySpec(Strict):
             raise ValueError(exc.args[0]) from None
         except TypeError as exc:
             raise ValueError(f"bad hyperparameter value: {exc}") from None
+        names = [algorithm.display_name for algorithm in self.algorithms]
+        repeated = sorted({name for name in names if names.count(name) > 1})
+        if repeated:
+            raise ValueError(
+                f"algorithms {repeated} appear more than once; give each entry a distinct `label`, "
+                "e.g. {name: maml, label: fomaml, first_order: true}"
+            )
         return self
 
     @property

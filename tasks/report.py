@@ -53,10 +53,11 @@ def log_evaluation(
     cached: bool,
 ) -> Result:
     """A child run with the tags, params, metrics and artifacts a comparison needs."""
-    name = f"{setup.algorithm}·{target}·{shots}shot·seed{seed}"
+    name = f"{setup.label}·{target}·{shots}shot·seed{seed}"
     tags = {
         "kind": "evaluation",
-        "algorithm": setup.algorithm,
+        "algorithm": setup.label,
+        "algorithm_name": setup.algorithm,
         "source_domains": ",".join(spec.source),
         "target_domain": target,
         "ways": str(setup.ways),
@@ -97,7 +98,7 @@ def log_evaluation(
         log_file(client, run_id, curve)
     client.set_terminated(run_id, "FINISHED")
     return Result(
-        setup.algorithm,
+        setup.label,
         seed,
         target,
         shots,

@@ -27,6 +27,7 @@ class LearnerSetup:
     """Everything needed to rebuild a learner: used to train it and to reload its weights."""
 
     algorithm: str
+    label: str  # the name results carry (the algorithm's name unless the spec gives a label)
     hparams: dict[str, Any]
     backbone: str
     backbone_options: dict[str, Any]
@@ -39,6 +40,7 @@ class LearnerSetup:
         backbone = spec.backbone_for(prepared.modality)
         return cls(
             algorithm=algorithm.name,
+            label=algorithm.display_name,
             hparams={"lr": spec.train.lr, **algorithm.options()},
             backbone=backbone.name,
             backbone_options=backbone.options(),
@@ -102,12 +104,12 @@ def train_model(
     validation = EpisodeSampler(
         source_val.x, source_val.y, setup.ways, shots, queries, derive_seed(seed, "validation")
     ).sample(train.val_episodes)
-    progress = TrainingProgress(train.steps, f"meta-training {setup.algorithm}, seed {seed}, on {device}")
+    progress = TrainingProgress(train.steps, f"meta-training {setup.label}, seed {seed}, on {device}")
 
     def on_validate(step: int, acc: float) -> None:
         logger.info(
             "%s seed %d step %d/%d: source validation accuracy %.3f",
-            setup.algorithm,
+            setup.label,
             seed,
             step,
             train.steps,
@@ -129,7 +131,7 @@ def train_model(
     seconds = time.perf_counter() - started
     logger.info(
         "%s seed %d: kept step %d (source validation accuracy %.3f), %.1f s on %s",
-        setup.algorithm,
+        setup.label,
         seed,
         history.best_step,
         history.best_val_acc,

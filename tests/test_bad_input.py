@@ -95,6 +95,14 @@ def test_unknown_algorithm_and_hyperparameter(tmp_path: Path, capsys: pytest.Cap
     assert "distance must be 'euclidean' or 'cosine', not 'manhattan'" in err
 
 
+def test_one_algorithm_twice_needs_labels(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    err = run_cli([str(DEMO), "--set", "algorithms=[{name: protonet}, {name: protonet, distance: cosine}]"],
+                  tmp_path, capsys)  # fmt: skip
+    assert "['protonet'] appear more than once" in err and "label" in err
+    labelled = "algorithms=[{name: protonet}, {name: protonet, label: protonet_cos, distance: cosine}]"
+    assert main(["validate", str(DEMO), "--set", labelled]) == 0
+
+
 def test_bad_backbone_options(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     err = run_cli([str(DEMO), "--set", "backbone.widths=[64]"], tmp_path, capsys)
     assert "on backbone 'mlp'" in err and "widths" in err
