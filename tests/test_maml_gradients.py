@@ -69,38 +69,52 @@ def reference_forward(
 
 
 def reference_meta_gradient(
-    net: Classifier, batch: EpisodeBatch, *, steps: int, first_order: bool, bn_mode: str
+    net: Classifier,
+    batch: EpisodeBatch,
+    *,
+    steps: int,
+    first_order: bool,
+    bn_mode: str,
+    adapted: str = "",
+    lrs: list[torch.Tensor] | None = None,
 ) -> list[torch.Tensor]:
+    """Meta-gradient of the parameters whose names start with `adapted` (all by default), then of `lrs`.
+
+    `lrs`, one tensor per parameter, replaces the shared INNER_LR (Meta-SGD).
+    """
     names, params = zip(*net.named_parameters())
+    inner = [i for i, name in enumerate(names) if name.startswith(adapted)]
+    rates = lrs or [torch.tensor(INNER_LR, dtype=torch.float64)] * len(params)
     total = torch.zeros((), dtype=torch.float64)
     for sx, sy, qx, qy in zip(batch.support_x, batch.support_y, batch.query_x, batch.query_y):
         fast = list(params)
         for _ in range(steps):
             loss = F.cross_entropy(reference_forward(dict(zip(names, fast)), sx), sy)
-            grads = torch.autograd.grad(loss, fast, create_graph=not first_order)
-            fast = [p - INNER_LR * g for p, g in zip(fast, grads)]
+            grads = torch.autograd.grad(loss, [fast[i] for i in inner], create_graph=not first_order)
+            for i, g in zip(inner, grads):
+                fast[i] = fast[i] - rates[i] * g
         support = sx if bn_mode == "per_task" else None
         total = total + F.cross_entropy(reference_forward(dict(zip(names, fast)), qx, support), qy)
-    return list(torch.autograd.grad(total / batch.num_tasks, params))
+    return list(torch.autograd.grad(total / batch.num_tasks, [*params, *(lrs or [])]))
+
+
+def learner_meta_gradient(
+    net: Classifier, batch: EpisodeBatch, *, algorithm: str = "maml", steps: int, **hparams: object
+) -> list[torch.Tensor]:
+    """The gradient that one `meta_train_step` leaves on the learner's parameters (of a copy of `net`)."""
+    learner = algorithms.create(
+        algorithm, copy.deepcopy(net), ways=WAYS, inner_lr=INNER_LR, inner_steps=steps, **hparams
+    )
+    learner.meta_train_step(batch)
+    return [p.grad for p in learner.parameters()]
 
 
 def maml_meta_gradient(
     net: Classifier, batch: EpisodeBatch, *, steps: int, first_order: bool, bn_mode: str, execution: str
 ) -> list[torch.Tensor]:
-    """The gradient that one `meta_train_step` leaves on the parameters (of a copy of `net`)."""
-    net = copy.deepcopy(net)
-    learner = algorithms.create(
-        "maml",
-        net,
-        ways=WAYS,
-        inner_lr=INNER_LR,
-        inner_steps=steps,
-        first_order=first_order,
-        bn_mode=bn_mode,
-        execution=execution,
+    return learner_meta_gradient(
+        net, batch, steps=steps, first_order=first_order, bn_mode=bn_mode, execution=execution
     )
-    learner.meta_train_step(batch)
-    return [p.grad for p in net.parameters()]
 
 
 def relative_error(got: list[torch.Tensor], want: list[torch.Tensor]) -> float:
@@ -150,3 +164,44 @@ def test_conv4_batchnorm_matches_torch_batch_norm() -> None:
     net = make_net("conv4")
     x = make_batch("conv4").query_x[0]
     assert torch.allclose(net(x), reference_forward(dict(net.named_parameters()), x), rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("execution", ["loop", "vmap"])
+def test_anil_meta_gradient_adapts_the_head_only(execution: str) -> None:
+    net, batch = make_net("conv4"), make_batch("conv4")
+    want = reference_meta_gradient(
+        net, batch, steps=3, first_order=False, bn_mode="transductive", adapted="head."
+    )
+    got = learner_meta_gradient(net, batch, algorithm="anil", steps=3, execution=execution)
+    assert relative_error(got, want) < 1e-9
+
+
+@pytest.mark.parametrize("execution", ["loop", "vmap"])
+def test_metasgd_meta_gradient_reaches_the_learned_rates(execution: str) -> None:
+    net, batch = make_net("conv4"), make_batch("conv4")
+    lrs = [torch.full_like(p, INNER_LR).requires_grad_() for p in net.parameters()]
+    want = reference_meta_gradient(net, batch, steps=2, first_order=False, bn_mode="transductive", lrs=lrs)
+    got = learner_meta_gradient(net, batch, algorithm="metasgd", steps=2, execution=execution)
+    assert len(got) == 2 * len(lrs)
+    assert relative_error(got, want) < 1e-9
+
+
+def test_reptile_moves_the_start_towards_the_mean_adapted_weights() -> None:
+    net, batch = make_net("mlp"), make_batch("mlp")
+    names, start = zip(*((name, p.detach().clone()) for name, p in net.named_parameters()))
+    adapted = []
+    for sx, sy in zip(batch.support_x, batch.support_y):
+        fast = [p.clone().requires_grad_() for p in start]
+        for _ in range(3):
+            loss = F.cross_entropy(reference_forward(dict(zip(names, fast)), sx), sy)
+            fast = [
+                (p - INNER_LR * g).detach().requires_grad_()
+                for p, g in zip(fast, torch.autograd.grad(loss, fast))
+            ]
+        adapted.append(fast)
+    learner = algorithms.create("reptile", net, ways=WAYS, inner_lr=INNER_LR, inner_steps=3, epsilon=0.25)
+    learner.meta_train_step(batch)
+    for p, p0, *phis in zip(net.parameters(), start, *adapted):
+        want = p0 + 0.25 * (torch.stack(phis).mean(0) - p0)
+        assert torch.allclose(p, want, rtol=0, atol=1e-12)
+    assert not all(torch.equal(p, p0) for p, p0 in zip(net.parameters(), start))
