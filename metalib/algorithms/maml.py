@@ -30,9 +30,7 @@ class InnerLoopHParams(base.HParams):
     inner_lr: float = 0.4
     inner_steps: int = 1  # during meta-training
     inner_steps_eval: int = 10  # when adapting to a new episode
-    bn_mode: str = (
-        "transductive"  # BatchNorm statistics of the query batch, or "per_task": of the support set
-    )
+    bn_mode: str = "transductive"  # BatchNorm statistics: of the query batch, or "per_task": of the support
     execution: str = "auto"  # "loop" over tasks, "vmap" over tasks, "auto": vmap on accelerators only
 
 
