@@ -52,7 +52,11 @@ def hash_ngrams(texts: Iterable[str], ngrams: int = 2, max_tokens: int = 256) ->
 
 @REGISTRY.register("text_bag")
 class TextBag(nn.Module):
-    """Mean of learned n-gram embeddings (padding ignored), then one ReLU layer.
+    """Sum of learned n-gram embeddings over sqrt(n-gram count) (padding ignored), then one ReLU layer.
+
+    Dividing by the square root, not the count, keeps the pooled vector's norm about the same
+    for short and long texts of random ids, so gradient steps on the head (MAML's inner loop)
+    are not tiny for long reviews.
 
     `buckets` rows are shared by all ids (id mod buckets), so the table size is chosen
     here and not by the tokenizer.
@@ -75,5 +79,5 @@ class TextBag(nn.Module):
         present = x > 0
         rows = torch.where(present, x.long() % self.buckets + 1, 0)
         summed = F.embedding(rows, self.embedding.weight, padding_idx=0).sum(1)
-        mean = summed / present.sum(1, keepdim=True).clamp_min(1).to(summed.dtype)
-        return F.relu(self.layer(mean))
+        pooled = summed / present.sum(1, keepdim=True).clamp_min(1).to(summed.dtype).sqrt()
+        return F.relu(self.layer(pooled))
