@@ -55,6 +55,9 @@ class DataSpec(Strict):
     log1p: bool = False  # feature vectors: log(1 + x) before standardising (counts, histograms)
     val_fraction: float = Field(0.2, gt=0, lt=1)  # of each source domain, for model selection
     split_seed: int = 0
+    # of each target domain, held out (stratified) as unlabelled rows for learners that adapt without
+    # labels (dann); those rows are never evaluated on, for any algorithm
+    target_unlabelled_fraction: float = Field(0.0, ge=0, lt=1)
 
     @model_validator(mode="after")
     def _has_a_source(self) -> DataSpec:
@@ -159,6 +162,15 @@ class StudySpec(Strict):
             raise ValueError(exc.args[0]) from None
         except TypeError as exc:
             raise ValueError(f"bad hyperparameter value: {exc}") from None
+        unsupervised = [
+            a.name for a in self.algorithms if algorithms.REGISTRY.get(a.name).uses_unlabelled_target
+        ]
+        if unsupervised and self.data.target_unlabelled_fraction == 0:
+            raise ValueError(
+                f"{sorted(set(unsupervised))} train on unlabelled target rows: set "
+                "data.target_unlabelled_fraction (e.g. 0.3) to hold that share of each target domain out "
+                "of evaluation for them"
+            )
         names = [algorithm.display_name for algorithm in self.algorithms]
         repeated = sorted({name for name in names if names.count(name) > 1})
         if repeated:

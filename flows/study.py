@@ -79,8 +79,24 @@ def open_study_run(plan: StudyPlan, tracking_uri: str | None, tags: dict[str, st
     return run
 
 
-def training_inputs(plan: StudyPlan, setup: LearnerSetup, seed: int) -> dict[str, Any]:
-    """The inputs of `train_model` for one (algorithm, seed): the same wherever it trains."""
+# (algorithm index, seed, target domain): the target is None except for learners trained on one
+# target domain's unlabelled rows (dann), which train once per target.
+TrainingKey = tuple[int, int, str | None]
+
+
+def training_keys(plan: StudyPlan) -> list[TrainingKey]:
+    return [
+        (index, seed, target)
+        for index, setup in enumerate(plan.setups)
+        for seed in plan.spec.seeds
+        for target in (plan.spec.target if setup.uses_unlabelled_target else [None])
+    ]
+
+
+def training_inputs(
+    plan: StudyPlan, setup: LearnerSetup, seed: int, target: str | None = None
+) -> dict[str, Any]:
+    """The inputs of `train_model` for one (algorithm, seed[, target]): the same wherever it trains."""
     spec, prepared = plan.spec, plan.prepared
     return {
         "setup": setup,
@@ -90,6 +106,7 @@ def training_inputs(plan: StudyPlan, setup: LearnerSetup, seed: int) -> dict[str
         "shots": spec.train_shots,
         "queries": spec.episodes.queries,
         "seed": seed,
+        "unlabelled_target": prepared.target_unlabelled[target] if target else None,
     }
 
 
@@ -98,8 +115,8 @@ def trains_on_gpu_pool(spec: StudySpec) -> bool:
     return spec.train.device.startswith("cuda") and deployment.id is not None
 
 
-def submit_training(plan: StudyPlan) -> dict[tuple[int, int], PrefectFuture[TrainedModel]]:
-    """Submits one train task per (algorithm index, seed), without waiting for any.
+def submit_training(plan: StudyPlan) -> dict[TrainingKey, PrefectFuture[TrainedModel]]:
+    """Submits one train task per training key, without waiting for any.
 
     Submit every training before any evaluation: a task runner resolves a task's upstream
     futures in a bounded pool of threads, so evaluations queued first would hold those threads
@@ -108,26 +125,26 @@ def submit_training(plan: StudyPlan) -> dict[tuple[int, int], PrefectFuture[Trai
     spec = plan.spec
     on_gpu_pool = trains_on_gpu_pool(spec)
     return {
-        (index, seed): (
-            train_on_pool.submit(GPU_TRAINING, spec.model_dump(mode="json"), index, seed)
+        (index, seed, target): (
+            train_on_pool.submit(GPU_TRAINING, spec.model_dump(mode="json"), index, seed, target)
             if on_gpu_pool
-            else train_model.submit(**training_inputs(plan, setup, seed))
+            else train_model.submit(**training_inputs(plan, plan.setups[index], seed, target))
         )
-        for index, setup in enumerate(plan.setups)
-        for seed in spec.seeds
+        for index, seed, target in training_keys(plan)
     }
 
 
 def submit_evaluation(
-    plan: StudyPlan, trainings: dict[tuple[int, int], PrefectFuture[TrainedModel]]
+    plan: StudyPlan, trainings: dict[TrainingKey, PrefectFuture[TrainedModel]]
 ) -> list[PendingEvaluation]:
-    """Submits every (target, shots) evaluation of every trained model, without waiting for any."""
+    """Submits every (target, shots) evaluation of every trained model, without waiting for any;
+    a model trained for one target is evaluated on that target only."""
     spec, prepared = plan.spec, plan.prepared
     device = "auto" if trains_on_gpu_pool(spec) else spec.train.device
     pending = []
-    for (index, seed), trained in trainings.items():
+    for (index, seed, trained_for), trained in trainings.items():
         setup = plan.setups[index]
-        for target in spec.target:
+        for target in [trained_for] if trained_for else spec.target:
             for shots in spec.episodes.shots:
                 evaluation = evaluate_model.submit(
                     setup,

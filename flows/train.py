@@ -18,8 +18,8 @@ from tasks.train import TrainedModel, train_model
 
 
 @flow(name="train", log_prints=True, persist_result=True)
-def train(spec: dict[str, Any], algorithm: int, seed: int) -> TrainedModel:
-    """Trains `spec.algorithms[algorithm]` with `seed`; the data preparation is a cache hit when the
-    study already prepared it."""
+def train(spec: dict[str, Any], algorithm: int, seed: int, target: str | None = None) -> TrainedModel:
+    """Trains `spec.algorithms[algorithm]` with `seed` (and, for dann, on `target`'s unlabelled rows);
+    the data preparation is a cache hit when the study already prepared it."""
     plan = plan_study(parse_spec(spec))
-    return train_model(**training_inputs(plan, plan.setups[algorithm], seed))
+    return train_model(**training_inputs(plan, plan.setups[algorithm], seed, target))

@@ -57,7 +57,8 @@ class PreparedData:
 
     source_train: Pool
     source_val: Pool
-    targets: dict[str, Pool]
+    targets: dict[str, Pool]  # evaluation rows only
+    target_unlabelled: dict[str, torch.Tensor]  # inputs held out for unsupervised adaptation (may be empty)
     class_names: list[str]
     fingerprint: str  # of the loaded datasets and the preparation settings
     rows_per_domain: dict[str, int]  # after removing duplicates
@@ -195,8 +196,9 @@ def check_episode_shapes(spec: StudySpec, prepared: PreparedData) -> None:
             "the data cannot supply the episodes asked for:\n  "
             + "\n  ".join(problems)
             + f"\nAsked: ways={ways}, shots up to {max(spec.episodes.shots)} (training shots "
-            f"{spec.train_shots}), queries={queries}, data.val_fraction={spec.data.val_fraction}. "
-            "Lower episodes.ways, episodes.shots or episodes.queries, or drop the domain."
+            f"{spec.train_shots}), queries={queries}, data.val_fraction={spec.data.val_fraction}, "
+            f"data.target_unlabelled_fraction={spec.data.target_unlabelled_fraction}. Lower "
+            "episodes.ways, episodes.shots or episodes.queries (or those fractions), or drop the domain."
         )
 
 
@@ -223,12 +225,17 @@ def _prepare(
     source_x, source_y = source_x[keep], torch.cat([labels[name] for name in source])[keep]
     train, val = split_per_class(source_y, data.val_fraction, data.split_seed)
     normalise = _normaliser(modality, source_x[train], data.log1p)
+    held_out = {name: _unlabelled_split(labels[name], data) for name in target}
     present = {name: set(labels[name].tolist()) for name in domains}
     everywhere = set().union(*present.values())
     return PreparedData(
         source_train=Pool(normalise(source_x[train]), source_y[train]),
         source_val=Pool(normalise(source_x[val]), source_y[val]),
-        targets={name: Pool(normalise(inputs[name]), labels[name]) for name in target},
+        targets={
+            name: Pool(normalise(inputs[name][kept]), labels[name][kept])
+            for name, (kept, _) in held_out.items()
+        },
+        target_unlabelled={name: normalise(inputs[name][held]) for name, (_, held) in held_out.items()},
         class_names=class_names,
         fingerprint=fingerprint,
         rows_per_domain={name: len(labels[name]) for name in domains},
@@ -240,6 +247,13 @@ def _prepare(
             if everywhere - present[name]
         },
     )
+
+
+def _unlabelled_split(labels: torch.Tensor, data: DataSpec) -> tuple[torch.Tensor, torch.Tensor]:
+    """(evaluation rows, unlabelled rows) of one target domain; no unlabelled rows by default."""
+    if data.target_unlabelled_fraction == 0:
+        return torch.arange(len(labels)), torch.arange(0)
+    return split_per_class(labels, data.target_unlabelled_fraction, data.split_seed)
 
 
 def _load_domain(name: str, source: DomainSource) -> Domain:

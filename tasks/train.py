@@ -57,6 +57,11 @@ class LearnerSetup:
             self.algorithm, net, ways=self.ways, num_classes=self.num_classes, **self.hparams
         )
 
+    @property
+    def uses_unlabelled_target(self) -> bool:
+        """Trained once per target domain, on that domain's unlabelled rows (dann)."""
+        return algorithms.REGISTRY.get(self.algorithm).uses_unlabelled_target
+
     def check(self) -> None:
         """Builds the learner once, so bad backbone or hyperparameter options fail before training."""
         try:
@@ -92,12 +97,18 @@ def train_model(
     shots: int,
     queries: int,
     seed: int,
+    unlabelled_target: torch.Tensor | None = None,
 ) -> TrainedModel:
-    """Meta-trains on source episodes; keeps the weights with the best source-validation accuracy."""
+    """Meta-trains on source episodes; keeps the weights with the best source-validation accuracy.
+
+    Learners that adapt without labels (dann) also get one target domain's unlabelled rows.
+    """
     logger = get_run_logger()
     device = resolve_device(train.device)
     torch.manual_seed(derive_seed(seed, "init"))
     learner = setup.build().to(device)
+    if unlabelled_target is not None:
+        learner.set_unlabelled_target(unlabelled_target.to(device))
     sampler = EpisodeSampler(
         source_train.x, source_train.y, setup.ways, shots, queries, derive_seed(seed, "train")
     )
@@ -143,10 +154,13 @@ def train_model(
 
 
 @task(name="train-on-pool", tags=["cpu"])
-def train_on_pool(deployment: str, spec: dict[str, Any], algorithm: int, seed: int) -> TrainedModel:
+def train_on_pool(
+    deployment: str, spec: dict[str, Any], algorithm: int, seed: int, target: str | None = None
+) -> TrainedModel:
     """Runs one (algorithm, seed) of `spec` as a flow run of `deployment` (the `train` flow on another
     work pool) and returns its result, read from the result storage both hosts share."""
-    run = run_deployment(deployment, parameters={"spec": spec, "algorithm": algorithm, "seed": seed})
+    parameters = {"spec": spec, "algorithm": algorithm, "seed": seed, "target": target}
+    run = run_deployment(deployment, parameters=parameters)
     if run.state is None or not run.state.is_completed():
         state = run.state.name if run.state else "without a state"
         raise RuntimeError(f"training run {run.name} of {deployment} ended {state}; see it in the Prefect UI")

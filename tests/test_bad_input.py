@@ -76,7 +76,7 @@ def test_too_few_examples_per_class(tmp_path: Path, capsys: pytest.CaptureFixtur
     # dslr has 8 images of class 8 and 10 of class 4; 5 shots + 6 queries need 11
     assert "target domain 'dslr'" in err
     assert "8: 8" in err and "4: 10" in err
-    assert "Lower episodes.ways, episodes.shots or episodes.queries" in err
+    assert "episodes.ways, episodes.shots or episodes.queries" in err
 
 
 def test_more_ways_than_classes(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
