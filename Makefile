@@ -34,4 +34,4 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check .
 
 clean:
-	rm -rf .prefect mlflow.db mlruns
+	rm -rf .prefect .cache mlflow.db mlruns reports

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -101,9 +102,12 @@ def _run(spec_path: str, overrides: list[str], tracking_uri: str | None) -> int:
     print(format_table(pd.DataFrame(rows)))
     print(f"\nstudy took {time.perf_counter() - started:.1f} s. Open the results:")
     print(f"  mlflow ui --backend-store-uri {uri}")
-    print(
-        f"  PREFECT_HOME={settings.DEFAULTS['PREFECT_HOME']} prefect server start   # then http://127.0.0.1:4200"
-    )
+    if os.environ.get("PREFECT_API_URL"):
+        print(f"  the Prefect UI of {os.environ['PREFECT_API_URL'].removesuffix('/api')}")
+    else:
+        print(
+            f"  PREFECT_HOME={os.environ['PREFECT_HOME']} prefect server start   # then http://127.0.0.1:4200"
+        )
     return 0
 
 

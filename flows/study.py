@@ -65,6 +65,8 @@ def plan_study(spec: StudySpec) -> StudyPlan:
     """Prepares the data (a cached task) and checks everything before MLflow is touched."""
     prepared = prepare_data(spec.data, spec.source, spec.target)
     check_episode_shapes(spec, prepared)
+    # the backbone the data's modality implies, when the spec leaves it out, is logged as chosen
+    spec = spec.model_copy(update={"backbone": spec.backbone_for(prepared.modality)})
     setups = [LearnerSetup.from_spec(spec, algorithm, prepared) for algorithm in spec.algorithms]
     for setup in setups:
         setup.check()

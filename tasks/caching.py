@@ -8,7 +8,9 @@ by their bytes, and dataclasses and pydantic models field by field.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -16,6 +18,8 @@ from prefect.cache_policies import TASK_SOURCE, CachePolicy
 from prefect.context import TaskRunContext
 from prefect.utilities.hashing import hash_objects
 from pydantic import BaseModel
+
+import metalib
 
 
 def stable_token(value: Any) -> Any:
@@ -53,9 +57,19 @@ class StableInputs(CachePolicy):
         **kwargs: Any,
     ) -> str | None:
         tokens = {name: stable_token(value) for name, value in inputs.items() if name not in self.exclude}
-        return hash_objects(tokens, raise_on_failure=True)
+        return hash_objects(tokens, library_version(), raise_on_failure=True)
+
+
+@functools.cache
+def library_version() -> str:
+    """A digest of metalib's source: results computed by other learner or backbone code are not reused."""
+    root = Path(metalib.__file__).parent
+    digest = hashlib.sha256()
+    for path in sorted(root.rglob("*.py")):
+        digest.update(path.relative_to(root).as_posix().encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()
 
 
 def stable_inputs(*exclude: str) -> CachePolicy:
-    """Cache on the task's inputs (but `exclude`) and its source code."""
+    """Cache on the task's inputs (but `exclude`), its source code and metalib's source."""
     return StableInputs(exclude=list(exclude)) + TASK_SOURCE

@@ -148,7 +148,7 @@ def render(comparison: Comparison, fmt: str = "table") -> str:
     wide = _wide(comparison, mark_best=fmt in ("markdown", "latex"), latex=fmt == "latex")
     paired = comparison.paired.assign(
         difference=[f"{100 * d:+.1f}" for d in comparison.paired.get("difference", [])],
-        p_value=[f"{p:.3g}" for p in comparison.paired.get("p_value", [])],
+        p_value=[f"{p:.3g}" if p > 0 else "<1e-300" for p in comparison.paired.get("p_value", [])],
     ).rename(columns={"difference": "Δ acc (points)", "p_value": "p (paired t)", "win_tie_loss": "W/T/L"})
     title = f"vs baseline {comparison.baseline} (paired over shared episodes and seeds):"
     if fmt == "markdown":

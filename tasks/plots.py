@@ -40,14 +40,17 @@ def learning_curve(
 def accuracy_vs_shots(summary: pd.DataFrame, path: Path) -> Path:
     """One panel per target: accuracy against shots for each algorithm, with 95% CI bands."""
     targets = list(dict.fromkeys(summary.target))
+    names = list(dict.fromkeys(summary.algorithm))
+    palette = plt.get_cmap("tab10" if len(names) <= 10 else "tab20")
+    colours = {name: palette(i % palette.N) for i, name in enumerate(names)}
     figure, axes = plt.subplots(1, len(targets), figsize=(4.2 * len(targets), 3.6), squeeze=False)
     for axis, target in zip(axes[0], targets):
         for algorithm, rows in summary[summary.target == target].groupby("algorithm", sort=False):
             rows = rows.sort_values("shots")
-            axis.plot(rows.shots, 100 * rows.acc, marker="o", label=algorithm)
-            axis.fill_between(
-                rows.shots, 100 * (rows.acc - rows.ci95), 100 * (rows.acc + rows.ci95), alpha=0.2
-            )
+            colour = colours[algorithm]
+            axis.plot(rows.shots, 100 * rows.acc, marker="o", label=algorithm, color=colour)
+            low, high = 100 * (rows.acc - rows.ci95), 100 * (rows.acc + rows.ci95)
+            axis.fill_between(rows.shots, low, high, alpha=0.2, color=colour)
         axis.set_title(f"target: {target}")
         axis.set_xlabel("shots")
         axis.set_xticks(sorted(summary.shots.unique()))
@@ -61,14 +64,18 @@ def accuracy_vs_shots(summary: pd.DataFrame, path: Path) -> Path:
 
 
 def accuracy_heatmap(summary: pd.DataFrame, path: Path) -> Path:
-    """Target domain x algorithm accuracy, one panel per shot count."""
+    """Algorithm x target domain accuracy, one panel per shot count."""
     shots = sorted(summary.shots.unique())
-    figure, axes = plt.subplots(1, len(shots), figsize=(4.5 * len(shots), 3.8), squeeze=False)
+    algorithms = list(dict.fromkeys(summary.algorithm))
+    targets = list(dict.fromkeys(summary.target))
+    size = (1.6 + 1.3 * len(targets), 1.2 + 0.4 * len(algorithms))
+    figure, axes = plt.subplots(1, len(shots), figsize=(size[0] * len(shots), size[1]), squeeze=False)
     for axis, k in zip(axes[0], shots):
-        grid = summary[summary.shots == k].pivot(index="target", columns="algorithm", values="acc") * 100
+        grid = summary[summary.shots == k].pivot(index="algorithm", columns="target", values="acc")
+        grid = grid.loc[algorithms, targets] * 100
         image = axis.imshow(grid.values, cmap="viridis", aspect="auto")
-        axis.set_xticks(range(len(grid.columns)), grid.columns, rotation=30, ha="right")
-        axis.set_yticks(range(len(grid.index)), grid.index)
+        axis.set_xticks(range(len(targets)), targets)
+        axis.set_yticks(range(len(algorithms)), algorithms)
         for (i, j), value in np.ndenumerate(grid.values):
             axis.text(j, i, f"{value:.1f}", ha="center", va="center", color="white", fontsize=8)
         axis.set_title(f"{k}-shot accuracy (%)")
