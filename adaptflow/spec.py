@@ -52,7 +52,11 @@ class DataSpec(Strict):
     channels: Literal[1, 3] = 3  # images are converted to grayscale (1) or RGB (3)
     max_tokens: int = Field(256, ge=1)  # text: hashed n-grams kept per example
     ngrams: int = Field(2, ge=1, le=4)  # text: word n-grams up to this length
+    # text: token ids from this Hugging Face tokenizer (hub id or local path) instead of hashed n-grams;
+    # filled in from backbone.model when the backbone is hf_encoder
+    tokenizer: str | None = None
     log1p: bool = False  # feature vectors: log(1 + x) before standardising (counts, histograms)
+    num_features: int | None = Field(None, ge=1)  # sparse feature vectors: length of the dense vector
     val_fraction: float = Field(0.2, gt=0, lt=1)  # of each source domain, for model selection
     split_seed: int = 0
     # of each target domain, held out (stratified) as unlabelled rows for learners that adapt without
@@ -148,6 +152,22 @@ class StudySpec(Strict):
         """With the modality given, the default backbone is known (and logged) from the spec alone."""
         if self.backbone is None and self.data.modality != "auto":
             self.backbone = Options(name=DEFAULT_BACKBONES[self.data.modality])
+        return self
+
+    @model_validator(mode="after")
+    def _tokenizer_of_backbone(self) -> StudySpec:
+        """A pretrained text encoder reads the token ids of its own tokenizer, made once in prepare."""
+        if self.backbone is None or self.backbone.name != "hf_encoder":
+            return self
+        model = self.backbone.options().get("model")
+        if not isinstance(model, str):
+            raise ValueError("backbone hf_encoder needs `model`: a Hugging Face hub id or a local folder")
+        if self.data.tokenizer not in (None, model):
+            raise ValueError(
+                f"data.tokenizer {self.data.tokenizer!r} is not the hf_encoder's model {model!r}; "
+                "leave data.tokenizer out (it follows the model)"
+            )
+        self.data.tokenizer = model
         return self
 
     @model_validator(mode="after")

@@ -31,11 +31,13 @@ from adaptflow.errors import StudyError
 from adaptflow.settings import PROJECT_DIR
 from adaptflow.spec import DEFAULT_BACKBONES, DataSpec, DomainSource, StudySpec
 from metalib import episode_shape_problems, split_per_class
-from metalib.backbones import text_bag
+from metalib.backbones import hf_encoder, text_bag
 from tasks.caching import stable_inputs
 
 CACHE_DIR = PROJECT_DIR / ".cache" / "prepared"
-CODE_VERSION = hashlib.sha256(Path(__file__).read_bytes() + Path(text_bag.__file__).read_bytes()).hexdigest()
+CODE_VERSION = hashlib.sha256(
+    b"".join(Path(module).read_bytes() for module in (__file__, text_bag.__file__, hf_encoder.__file__))
+).hexdigest()
 LUMA = torch.tensor([0.299, 0.587, 0.114])  # ITU-R 601-2, as PIL converts RGB to L
 PROGRESS_ROWS = 20_000  # show a progress bar when converting more rows than this
 
@@ -292,7 +294,8 @@ def _modality(domains: dict[str, Domain], data: DataSpec) -> str:
 
 
 def _feature_modality(feature: Any) -> str | None:
-    """Image feature or nested (2-D/3-D) arrays: image; strings: text; flat lists: feature vectors.
+    """Image feature or nested (2-D/3-D) arrays: image; strings: text; flat lists and lists of
+    {index, count} pairs (sparse): feature vectors.
 
     Flat pixel lists look like feature vectors (counts are often uint8 too): set data.modality: image.
     """
@@ -331,9 +334,13 @@ def _input_tensor(domain: Domain, modality: str, data: DataSpec) -> torch.Tensor
     column = domain.table.select_columns([domain.input])
     if modality == "text":
         texts = column[:][domain.input]
+        if data.tokenizer:
+            return hf_encoder.tokenize(texts, data.tokenizer, data.max_tokens)
         return text_bag.hash_ngrams(_progress(texts, "tokenising", len(texts)), data.ngrams, data.max_tokens)
     if modality == "image":
         return _image_tensor(column, domain.input, data.image_size, data.channels)
+    if _is_sparse(domain.table.features[domain.input]):
+        return _sparse_tensor(column, domain.input, data.num_features)
     array = column.with_format("numpy")[:][domain.input]
     if array.dtype == object or not np.issubdtype(array.dtype, np.number):
         raise StudyError(
@@ -342,6 +349,38 @@ def _input_tensor(domain: Domain, modality: str, data: DataSpec) -> torch.Tensor
             "or data.modality if it holds text or images."
         )
     return torch.as_tensor(array, dtype=torch.float32).reshape(len(array), -1)
+
+
+def _is_sparse(feature: Any) -> bool:
+    """A list of {index, count} pairs (one feature vector stored sparsely)."""
+    return (
+        isinstance(feature, datasets.List | datasets.LargeList | datasets.Sequence)
+        and isinstance(feature.feature, dict)
+        and set(feature.feature) == {"index", "count"}
+    )
+
+
+def _sparse_tensor(table: datasets.Dataset, column: str, num_features: int | None) -> torch.Tensor:
+    """Lists of {index, count} pairs as dense float vectors [rows, num_features]; repeated indices add up."""
+    if num_features is None:
+        raise StudyError(
+            f"column {column!r} holds sparse {{index, count}} pairs: set data.num_features to the length "
+            "of the dense feature vector (indices count from 0)"
+        )
+    lists = table.with_format("arrow")[:][column].combine_chunks()
+    pairs = lists.flatten()
+    index = torch.as_tensor(pairs.field("index").to_numpy(zero_copy_only=False).astype(np.int64))
+    count = torch.as_tensor(pairs.field("count").to_numpy(zero_copy_only=False).astype(np.float32))
+    if len(index) and (index.min() < 0 or index.max() >= num_features):
+        raise StudyError(
+            f"column {column!r} has feature indices from {int(index.min())} to {int(index.max())}, outside "
+            f"0..{num_features - 1}; set data.num_features to the dense length (indices count from 0)"
+        )
+    lengths = np.diff(lists.offsets.to_numpy())
+    rows = torch.as_tensor(np.repeat(np.arange(len(lists)), lengths))
+    out = torch.zeros(len(lists), num_features)
+    out.index_put_((rows, index), count, accumulate=True)
+    return out
 
 
 def _image_tensor(table: datasets.Dataset, column: str, size: int, channels: int) -> torch.Tensor:

@@ -36,6 +36,6 @@ def names() -> list[str]:
     return REGISTRY.names()
 
 
-from metalib.backbones import conv4, mlp, text_bag  # noqa: E402,F401  (registers itself)
+from metalib.backbones import conv4, hf_encoder, mlp, text_bag  # noqa: E402,F401  (registers itself)
 
 __all__ = ["Classifier", "create", "names"]

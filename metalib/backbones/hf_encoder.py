@@ -1,0 +1,76 @@
+"""A pretrained Hugging Face text encoder (e.g. a sentence-transformers model), mean-pooled.
+
+Needs the optional extra `hf` (`transformers`). Texts are tokenised once, in prepare, with the
+model's own tokenizer (`tokenize`); ids are stored shifted by one so that 0 pads, as for the
+hashed n-grams of `text_bag`. `model` is a hub id or a local folder; offline
+(`HF_HUB_OFFLINE=1`) a hub id must already be in the cache.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from metalib.backbones import REGISTRY
+
+
+def _transformers() -> Any:
+    try:
+        import transformers
+    except ImportError:
+        raise ImportError("the hf_encoder backbone needs transformers: pip install 'adaptflow[hf]'") from None
+    return transformers
+
+
+def tokenize(texts: Sequence[str], model: str, max_tokens: int = 256) -> torch.Tensor:
+    """Token ids of `model`'s tokenizer plus one, [texts, max_tokens] int32, 0-padded, truncated."""
+    tokenizer = _transformers().AutoTokenizer.from_pretrained(model)
+    encoded = tokenizer(
+        list(texts), padding="max_length", truncation=True, max_length=max_tokens, return_tensors="pt"
+    )
+    ids = (encoded["input_ids"] + 1) * encoded["attention_mask"]
+    return ids.to(torch.int32)
+
+
+@REGISTRY.register("hf_encoder")
+class HFEncoder(nn.Module):
+    """Mean of the last hidden states over the real tokens, then a trainable linear map.
+
+    The transformer is frozen (and kept in eval mode) by default. The linear map starts as the
+    identity, so the encoder starts as the pretrained sentence embedding, and a frozen encoder
+    still has something to meta-learn.
+    """
+
+    def __init__(self, model: str, freeze: bool = True) -> None:
+        super().__init__()
+        self.model = _transformers().AutoModel.from_pretrained(model)
+        self.freeze = freeze
+        if freeze:
+            self.model.requires_grad_(False)
+            self.model.eval()
+        self.out_features: int = self.model.config.hidden_size
+        self.project = nn.Linear(self.out_features, self.out_features)
+        with torch.no_grad():
+            self.project.weight.copy_(torch.eye(self.out_features))
+            self.project.bias.zero_()
+
+    @staticmethod
+    def input_options(input_shape: tuple[int, ...]) -> dict[str, Any]:
+        return {}
+
+    def train(self, mode: bool = True) -> HFEncoder:
+        """A frozen encoder stays in eval mode (no dropout), so an input always has one embedding."""
+        super().train(mode)
+        if self.freeze:
+            self.model.eval()
+        return self
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        mask = x > 0
+        ids = (x.long() - 1).clamp_min(0)
+        hidden = self.model(input_ids=ids, attention_mask=mask.long()).last_hidden_state
+        weights = mask.unsqueeze(-1).to(hidden.dtype)
+        return self.project((hidden * weights).sum(1) / weights.sum(1).clamp_min(1))
