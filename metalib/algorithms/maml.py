@@ -55,7 +55,9 @@ class MAML(Algorithm):
         return self._optimizer
 
     def params(self) -> Params:
-        return dict(self.net.named_parameters())
+        """The trainable parameters: frozen ones (a frozen pretrained encoder) are neither adapted nor
+        differentiated through; functional_call keeps the module's own values for them."""
+        return {name: p for name, p in self.net.named_parameters() if p.requires_grad}
 
     def inner_lrs(self, names: list[str]) -> dict[str, float | torch.Tensor]:
         """The inner learning rate of each adapted parameter: one shared `inner_lr` here."""
