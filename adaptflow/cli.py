@@ -54,6 +54,11 @@ def main(argv: list[str] | None = None) -> int:
         help="grouping: algorithm first (rows), then any of target_domain, shots, seed, source_domains",
     )
     compare.add_argument("--baseline", default="finetune", help="algorithm the others are tested against")
+    compare.add_argument(
+        "--study",
+        default="all",
+        help="'all' study runs of the experiment (latest result per cell), 'latest', or a parent run id",
+    )
     compare.add_argument("--out", default="reports", help="folder for the table and plots (default reports/)")
     args = parser.parse_args(argv)
     try:
@@ -117,7 +122,7 @@ def _compare(args: argparse.Namespace) -> int:
     from tasks.compare import compare, render, write_outputs
 
     client = MlflowClient(tracking_uri=args.tracking_uri or settings.default_tracking_uri())
-    comparison = compare(client, args.experiment, args.baseline, args.by.split(","))
+    comparison = compare(client, args.experiment, args.baseline, args.by.split(","), args.study)
     print(render(comparison, args.format))
     files = write_outputs(client, args.experiment, comparison, args.format, Path(args.out))
     print("\nwritten: " + ", ".join(str(path) for path in files))

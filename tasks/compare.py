@@ -26,6 +26,7 @@ PROTOCOL = [  # what must agree for accuracies to be comparable
     "episodes.queries",
     "episodes.eval_episodes",
     "data.val_fraction",
+    "data.target_unlabelled_fraction",
     "train.val_episodes",
     "model_selection",
 ]
@@ -43,15 +44,20 @@ class Comparison:
     by: list[str]
 
 
-def load_runs(client: MlflowClient, experiment: str) -> pd.DataFrame:
-    """The latest child run per (algorithm, source, target, shots, seed), with its episode accuracies."""
+def load_runs(client: MlflowClient, experiment: str, study: str = "all") -> pd.DataFrame:
+    """The latest child run per (algorithm, source, target, shots, seed), with its episode accuracies.
+
+    `study` narrows the runs to one study execution: "latest", or a parent run id; "all" keeps every one.
+    """
     found = client.get_experiment_by_name(experiment)
     if found is None:
         names = [e.name for e in client.search_experiments()]
         raise StudyError(f"no MLflow experiment named {experiment!r}; the store has: {names}")
-    runs = client.search_runs(
-        [found.experiment_id], filter_string="tags.kind = 'evaluation'", max_results=50000
-    )
+    query = "tags.kind = 'evaluation'"
+    if study != "all":
+        parent = latest_study_run(client, experiment) if study == "latest" else study
+        query += f" and tags.`mlflow.parentRunId` = '{parent}'"
+    runs = client.search_runs([found.experiment_id], filter_string=query, max_results=50000)
     rows = [
         {
             **{key: run.data.tags.get(key) for key in KEYS},
@@ -83,9 +89,13 @@ def load_runs(client: MlflowClient, experiment: str) -> pd.DataFrame:
 
 
 def compare(
-    client: MlflowClient, experiment: str, baseline: str = "finetune", by: list[str] | None = None
+    client: MlflowClient,
+    experiment: str,
+    baseline: str = "finetune",
+    by: list[str] | None = None,
+    study: str = "all",
 ) -> Comparison:
-    runs = load_runs(client, experiment)
+    runs = load_runs(client, experiment, study)
     by = [("target" if key == "target_domain" else key) for key in (by or ["algorithm", "target", "shots"])]
     unknown = sorted(set(by) - {"algorithm", "target", "shots", "seed", "source_domains"})
     if unknown or "algorithm" not in by:
@@ -224,7 +234,8 @@ def _check_protocol(frame: pd.DataFrame) -> None:
         raise StudyError(
             "these runs were evaluated under different protocols and cannot be compared:\n"
             + "\n".join(problems)
-            + "\nRerun the odd ones with the same spec settings, or compare them in separate experiments."
+            + "\nRerun the odd ones with the same spec settings, compare one study run (--study latest or a "
+            "parent run id), or use separate experiments."
         )
 
 

@@ -162,6 +162,8 @@ def test_refuses_to_mix_protocols(prefect_server: None, tmp_path: Path) -> None:
     message = str(error.value)
     assert "episodes.queries differs" in message
     assert "2: " in message and "3: " in message and "seed1" in message and "seed0" in message
+    latest = compare(MlflowClient(tracking_uri=uri), "mixed", study="latest").runs
+    assert set(latest.seed) == {1} and set(latest.algorithm) == {"protonet", "finetune"}
 
 
 def free_port() -> int:
