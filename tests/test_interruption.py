@@ -1,0 +1,74 @@
+"""An interrupted study keeps what it finished, and a rerun resumes instead of starting over."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from adaptflow.cli import main
+from tests.conftest import DEMO, ROOT
+
+pytestmark = pytest.mark.slow
+
+ARGS = [
+    "--set", "train.steps=10",
+    "--set", "train.val_every=5",
+    "--set", "train.val_episodes=10",
+    "--set", "episodes.eval_episodes=100",
+    "--set", "seeds=[0, 1]",
+    "--set", "algorithms=[{name: protonet}, {name: finetune}]",
+    "--set", "name=interrupted",
+]  # fmt: skip
+
+
+def evaluation_runs(client: MlflowClient) -> list:  # list of mlflow Run
+    experiment = client.get_experiment_by_name("interrupted")
+    if experiment is None:
+        return []
+    return client.search_runs([experiment.experiment_id], "tags.kind = 'evaluation'")
+
+
+def test_interrupted_run_keeps_finished_work_and_rerun_resumes(prefect_server: None, tmp_path: Path) -> None:
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    command = [sys.executable, "-m", "adaptflow.cli", "run", str(DEMO), *ARGS, "--tracking-uri", uri]
+    # its own temporary Prefect server, but the same result storage (PREFECT_HOME) as this test session
+    run = subprocess.Popen(command, cwd=ROOT, start_new_session=True, stdout=subprocess.DEVNULL,
+                           stderr=subprocess.DEVNULL)  # fmt: skip
+    client = MlflowClient(tracking_uri=uri)
+    deadline = time.time() + 300
+    try:
+        while not evaluation_runs(client):
+            assert run.poll() is None, "the study ended before it could be interrupted"
+            assert time.time() < deadline, "no evaluation was logged in time"
+            time.sleep(0.1)
+    finally:
+        os.killpg(run.pid, signal.SIGTERM)
+        try:
+            run.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(run.pid, signal.SIGKILL)
+    finished = {r.info.run_name for r in evaluation_runs(client) if r.info.status == "FINISHED"}
+    assert 1 <= len(finished) < 16  # kept what it finished, and did not finish everything
+    experiment_id = client.get_experiment_by_name("interrupted").experiment_id
+    (interrupted,) = client.search_runs([experiment_id], "tags.kind = 'study'")
+    assert interrupted.info.status == "FAILED"
+
+    assert main(["run", str(DEMO), *ARGS, "--tracking-uri", uri]) == 0
+    latest = [
+        r for r in client.search_runs([experiment_id], "tags.kind = 'study'") if r.info.status == "FINISHED"
+    ]
+    assert len(latest) == 1
+    resumed = {
+        r.info.run_name: r.data.tags["reused_cached_results"]
+        for r in evaluation_runs(client)
+        if r.data.tags["mlflow.parentRunId"] == latest[0].info.run_id
+    }
+    assert len(resumed) == 16
+    assert all(resumed[name] == "true" for name in finished)  # finished work was not redone
