@@ -29,10 +29,6 @@ class EpisodeBatch:
     def num_tasks(self) -> int:
         return self.support_x.shape[0]
 
-    def episode(self, t: int) -> EpisodeBatch:
-        """Episode t as a batch of one."""
-        return EpisodeBatch(*(tensor[t : t + 1] for tensor in self.tensors()))
-
     def tensors(self) -> tuple[torch.Tensor, ...]:
         return (self.support_x, self.support_y, self.query_x, self.query_y, self.classes)
 
