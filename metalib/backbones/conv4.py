@@ -3,18 +3,29 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
+from torch._C._functorch import TransformType
+from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
 
 from metalib.backbones import REGISTRY
 
 
-class BatchNorm(nn.Module):
-    """BatchNorm over batch statistics only, written from basic ops.
+def under_vmap() -> bool:
+    """Whether the caller runs inside `torch.func.vmap` (at any depth of nested transforms)."""
+    return any(layer.key() == TransformType.Vmap for layer in retrieve_all_functorch_interpreters())
 
-    torch's fused BatchNorm gives a wrong second-order gradient under vmap; this one is
-    exact under vmap and double backward. It keeps no running statistics, so every forward
-    pass normalises with the batch it is given, or, while `stats_rows` is set, with the
-    statistics of the first `stats_rows` examples (the support set of an episode).
+
+class BatchNorm(nn.Module):
+    """BatchNorm over batch statistics only, exact under every execution of the inner loop.
+
+    It keeps no running statistics, so every forward pass normalises with the batch it is
+    given, or, while `stats_rows` is set, with the statistics of the first `stats_rows`
+    examples (the support set of an episode). Batch statistics use torch's fused kernel
+    (1.35-1.5x faster per MAML step on CPU than basic ops) except under vmap, where the fused
+    kernel's second-order gradient is wrong (1-2% relative error, float64), and under
+    torch.compile, whose compiler fuses basic ops itself; there, and for support statistics,
+    it is written from basic ops, which are exact everywhere.
     """
 
     def __init__(self, channels: int, eps: float = 1e-5) -> None:
@@ -25,8 +36,11 @@ class BatchNorm(nn.Module):
         self.stats_rows: int | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.stats_rows is None and not torch.compiler.is_compiling() and not under_vmap():
+            return F.batch_norm(x, None, None, self.weight, self.bias, training=True, eps=self.eps)
         reference = x if self.stats_rows is None else x[: self.stats_rows]
-        var, mean = torch.var_mean(reference, dim=(0, 2, 3), keepdim=True, correction=0)
+        mean = reference.mean((0, 2, 3), keepdim=True)
+        var = (reference - mean).square().mean((0, 2, 3), keepdim=True)
         scale = self.weight.view(1, -1, 1, 1) * torch.rsqrt(var + self.eps)
         return (x - mean) * scale + self.bias.view(1, -1, 1, 1)
 
