@@ -1,8 +1,9 @@
 """The inner loop shared by the optimization-based learners, on torch.func.
 
 Parameters are plain dicts passed to `functional_call`, so one task's adaptation is a
-pure function: it can run task by task (the default on CPU, where it is fastest) or under
-`vmap` over the tasks of a meta-batch (for GPUs), and both give the same meta-gradient.
+pure function: it can run task by task (the default on CPU), task by task under
+`torch.compile` (faster on CPU once compiled), or under `vmap` over the tasks of a
+meta-batch (for GPUs); all give the same meta-gradient.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ TaskFn = Callable[
 ]
 
 BN_MODES = ("transductive", "per_task")
-EXECUTIONS = ("auto", "loop", "vmap")
+EXECUTIONS = ("auto", "loop", "compile", "vmap")
 
 
 def sgd_steps(
@@ -87,10 +88,11 @@ def check_model(net: nn.Module, bn_mode: str, execution: str) -> None:
     if execution not in EXECUTIONS:
         raise ValueError(f"execution {execution!r}: use one of {', '.join(EXECUTIONS)}")
     fused = [name for name, m in net.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    if fused and (bn_mode == "per_task" or execution == "vmap"):
+    if fused and (bn_mode == "per_task" or execution in ("compile", "vmap")):
         raise ValueError(
             f"modules {', '.join(fused)} use torch's fused BatchNorm, which cannot take support statistics "
-            "and gives wrong second-order gradients under vmap; use metalib.backbones.conv4.BatchNorm"
+            "and gives wrong second-order gradients under vmap (compile: unchecked); "
+            "use metalib.backbones.conv4.BatchNorm"
         )
 
 
@@ -105,7 +107,9 @@ def meta_backward(task_fn: TaskFn, params: Params, batch: EpisodeBatch, executio
     """Backpropagates the mean over tasks of `task_fn`'s objective; returns its metrics averaged over tasks.
 
     `task_fn(params, support_x, support_y, query_x, query_y)` returns (objective, metrics) for one
-    task. The loop backpropagates task by task, so only one task's graph is alive at a time.
+    task. The loop backpropagates task by task, so only one task's graph is alive at a time;
+    "compile" runs the same loop with `task_fn` under torch.compile (compiled on the first call
+    for each shape, 20-90 s, then reused from torch's cache).
     """
     tensors = (batch.support_x, batch.support_y, batch.query_x, batch.query_y)
     if execution == "vmap":
@@ -114,6 +118,8 @@ def meta_backward(task_fn: TaskFn, params: Params, batch: EpisodeBatch, executio
         )
         objectives.mean().backward()
         return {name: values.mean().item() for name, values in metrics.items()}
+    if execution == "compile":
+        task_fn = torch.compile(task_fn, dynamic=False)
     per_task: dict[str, list[torch.Tensor]] = {}
     for task in zip(*tensors):
         objective, metrics = task_fn(params, *task)

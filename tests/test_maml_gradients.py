@@ -137,7 +137,26 @@ def test_meta_gradient_matches_autograd_reference(
     assert relative_error(got, want) < 1e-9
 
 
-@pytest.mark.parametrize("execution", ["loop", "vmap"])
+# Compiling takes 5-60 s per case, so CI checks these; conv4 with 5 first-order steps compiles
+# for a minute and was checked by hand (docs/benchmarks.md).
+COMPILED_CASES = [("mlp", steps, first_order) for steps in (1, 5) for first_order in (False, True)]
+COMPILED_CASES += [("conv4", 1, False), ("conv4", 1, True), ("conv4", 5, False)]
+
+
+@pytest.mark.parametrize(("kind", "steps", "first_order"), COMPILED_CASES)
+def test_compiled_meta_gradient_matches_autograd_reference(kind: str, steps: int, first_order: bool) -> None:
+    torch._dynamo.reset()
+    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    net, batch = make_net(kind), make_batch(kind)
+    want = reference_meta_gradient(net, batch, steps=steps, first_order=first_order, bn_mode="transductive")
+    got = maml_meta_gradient(
+        net, batch, steps=steps, first_order=first_order, bn_mode="transductive", execution="compile"
+    )
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] > graphs  # it really compiled
+    assert relative_error(got, want) < 1e-9
+
+
+@pytest.mark.parametrize("execution", ["loop", "compile", "vmap"])
 def test_per_task_batchnorm_meta_gradient_matches_reference(execution: str) -> None:
     net, batch = make_net("conv4"), make_batch("conv4")
     want = reference_meta_gradient(net, batch, steps=2, first_order=False, bn_mode="per_task")
