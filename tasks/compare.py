@@ -19,6 +19,7 @@ from mlflow.tracking import MlflowClient
 from adaptflow.errors import StudyError
 from metalib import paired_t_test
 from tasks.report import EPISODES_ARTIFACT, summarise
+from tasks.tables import accuracy_table, to_markdown
 
 KEYS = ["algorithm", "source_domains", "target_domain", "shots", "seed"]
 PROTOCOL = [  # what must agree for accuracies to be comparable
@@ -155,68 +156,22 @@ def render(comparison: Comparison, fmt: str = "table") -> str:
         raise StudyError(f"unknown format {fmt!r}; use one of {', '.join(FORMATS)}")
     if fmt == "csv":
         return comparison.summary.to_csv(index=False) + "\n" + comparison.paired.to_csv(index=False)
-    wide = _wide(comparison, mark_best=fmt in ("markdown", "latex"), latex=fmt == "latex")
+    wide = accuracy_table(
+        comparison.summary,
+        comparison.by,
+        average_targets=True,
+        mark_best=fmt if fmt in ("markdown", "latex") else None,
+    )
     paired = comparison.paired.assign(
         difference=[f"{100 * d:+.1f}" for d in comparison.paired.get("difference", [])],
         p_value=[f"{p:.3g}" if p > 0 else "<1e-300" for p in comparison.paired.get("p_value", [])],
     ).rename(columns={"difference": "Δ acc (points)", "p_value": "p (paired t)", "win_tie_loss": "W/T/L"})
     title = f"vs baseline {comparison.baseline} (paired over shared episodes and seeds):"
     if fmt == "markdown":
-        return f"{_markdown(wide)}\n\n{title}\n\n{_markdown(paired)}"
+        return f"{to_markdown(wide)}\n\n{title}\n\n{to_markdown(paired)}"
     if fmt == "latex":
         return wide.to_latex(escape=False) + "\n" + paired.to_latex(index=False)
     return f"{wide.to_string()}\n\n{title}\n{paired.to_string(index=False)}"
-
-
-def _wide(comparison: Comparison, mark_best: bool, latex: bool) -> pd.DataFrame:
-    """Rows by the first grouping key, columns by the rest, plus averages over targets."""
-    summary = comparison.summary.copy()
-    rows_key, column_keys = comparison.by[0], comparison.by[1:]
-    summary["column"] = _column_names(summary, column_keys)
-    values = summary.pivot(index=rows_key, columns="column", values="acc")
-    intervals = summary.pivot(index=rows_key, columns="column", values="ci95")
-    columns = list(dict.fromkeys(summary.sort_values(column_keys or [rows_key]).column))
-    values, intervals = values[columns], intervals[columns]
-    if "target" in column_keys:
-        rest = [key for key in column_keys if key != "target"]
-        averages = summary.groupby([rows_key, *rest]).acc.mean().reset_index()
-        averages["column"] = ["avg " + name if name else "avg" for name in _column_names(averages, rest)]
-        average_table = averages.pivot(index=rows_key, columns="column", values="acc")
-        values = values.join(average_table)
-        intervals = intervals.join(average_table * float("nan"))
-    cells = pd.DataFrame(index=values.index, columns=values.columns, dtype=object)
-    for column in values.columns:
-        best = values[column].max()
-        for row in values.index:
-            value, interval = values.at[row, column], intervals.at[row, column]
-            if pd.isna(value):
-                cells.at[row, column] = "–"
-                continue
-            text = f"{100 * value:.1f}" + ("" if pd.isna(interval) else f" ± {100 * interval:.1f}")
-            if mark_best and value == best:
-                text = f"\\textbf{{{text}}}" if latex else f"**{text}**"
-            cells.at[row, column] = text
-    return cells.rename_axis(None).rename_axis(None, axis=1)
-
-
-def _column_names(frame: pd.DataFrame, keys: list[str]) -> list[str]:
-    def name(row: pd.Series) -> str:
-        return " ".join(
-            f"{row[key]}-shot" if key == "shots" else f"{key}={row[key]}" if key == "seed" else str(row[key])
-            for key in keys
-        )
-
-    return [name(row) for _, row in frame.iterrows()] if keys else ["acc"] * len(frame)
-
-
-def _markdown(frame: pd.DataFrame) -> str:
-    index = frame.index.name is None and not isinstance(frame.index, pd.RangeIndex)
-    header = ([""] if index else []) + [str(column) for column in frame.columns]
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for label, row in frame.iterrows():
-        cells = ([str(label)] if index else []) + [str(value) for value in row]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
 
 
 def _check_protocol(frame: pd.DataFrame) -> None:

@@ -16,6 +16,7 @@ from prefect.artifacts import create_markdown_artifact
 from adaptflow.spec import StudySpec, flatten
 from tasks.evaluate import Evaluation
 from tasks.plots import learning_curve
+from tasks.tables import accuracy_table, to_markdown
 from tasks.tracking import StudyRun, log_file, log_flat, log_yaml, start_child_run
 from tasks.train import LearnerSetup, TrainedModel
 
@@ -137,19 +138,8 @@ def summarise(runs: pd.DataFrame, by: list[str] | None = None) -> pd.DataFrame:
 
 def format_table(summary: pd.DataFrame, markdown: bool = False) -> str:
     """Algorithms as rows, target x shots as columns, cells 'acc ± ci' in percent."""
-    cells = summary.assign(
-        column=summary.target + " " + summary.shots.astype(str) + "-shot",
-        cell=[f"{100 * a:.1f} ± {100 * c:.1f}" for a, c in zip(summary.acc, summary.ci95)],
-    )
-    order = list(dict.fromkeys(cells.sort_values(["target", "shots"]).column))
-    table = cells.pivot(index="algorithm", columns="column", values="cell")[order]
-    table = table.loc[list(dict.fromkeys(summary.algorithm))]
-    if markdown:
-        header = "| algorithm | " + " | ".join(order) + " |"
-        lines = [header, "|" + "---|" * (len(order) + 1)]
-        lines += [f"| {name} | " + " | ".join(row) + " |" for name, row in table.iterrows()]
-        return "\n".join(lines)
-    return table.rename_axis(None).rename_axis(None, axis=1).to_string()
+    table = accuracy_table(summary, ["algorithm", "target", "shots"])
+    return to_markdown(table) if markdown else table.to_string()
 
 
 @task(name="report", tags=["cpu"])
