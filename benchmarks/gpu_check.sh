@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # On a CUDA machine: (1) MAML's float64 meta-gradient on the GPU, loop and vmap, against the CPU
 # autograd reference of tests/test_maml_gradients.py (mlp and conv4 with BatchNorm, transductive and
-# per-task statistics, 1 and 5 inner steps, second and first order); (2) the throughput benchmark on
-# CUDA, where vmap over the meta-batch runs too. Takes under 5 minutes on one H100-class GPU.
+# per-task statistics, 1 and 5 inner steps, second and first order), and the compiled loop on the
+# second-order transductive cases (conv4 at 1 and 5 steps, mlp at 1); (2) the throughput benchmark
+# on CUDA, where vmap over the meta-batch runs too (the compiled loop is timed on CPU only). Takes
+# under 5 minutes on one H100-class GPU.
 # Needs only torch (and pytest, which the test module imports). From the repository root:
 #     benchmarks/setup_learn2learn.sh && benchmarks/gpu_check.sh
 set -euo pipefail
@@ -27,7 +29,8 @@ for kind in ("mlp", "conv4"):
             for first_order in (False, True):
                 net, batch = make_net(kind), make_batch(kind)
                 want = reference_meta_gradient(net, batch, steps=steps, first_order=first_order, bn_mode=bn_mode)
-                for execution in ("loop", "vmap"):
+                compiled = first_order is False and bn_mode == "transductive" and (kind == "conv4" or steps == 1)
+                for execution in ("loop", "vmap", "compile") if compiled else ("loop", "vmap"):
                     got = maml_meta_gradient(
                         net.cuda(), batch.to("cuda"), steps=steps, first_order=first_order,
                         bn_mode=bn_mode, execution=execution,
@@ -39,4 +42,4 @@ for kind in ("mlp", "conv4"):
                     assert error < 1e-9, error
 print(f"all CUDA meta-gradients match the float64 CPU reference; worst relative error {worst:.2e}")
 PY
-timeout 240 "$python" benchmarks/maml_throughput.py --device cuda --rounds 5
+timeout 240 "$python" benchmarks/maml_throughput.py --device cuda --rounds 5 --no-compile

@@ -4,8 +4,9 @@ The classic Omniglot setting: conv4, 1x28x28 inputs, 5-way 1-shot, 15 queries pe
 meta-batch 32; 1 and 5 inner steps, second and first order. All implementations run
 interleaved in one process (one step each per round) so machine noise hits them alike;
 ratios are paired medians against learn2learn (or the plain loop without it). Pixels are
-random: speed does not depend on their values. Peak memory is the GPU's peak allocation on
-CUDA, and on CPU the peak RSS of a fresh child process that runs one step of one implementation.
+random: speed does not depend on their values. Peak memory is the GPU's peak allocation during
+one step on CUDA; on CPU, the peak RSS during the second step of a fresh child process that runs
+one implementation (the first step, which compiles where compiling is asked for, is not counted).
 
     benchmarks/setup_learn2learn.sh    # once: fetches learn2learn's source
     .venv/bin/python benchmarks/maml_throughput.py --rounds 5
@@ -17,7 +18,6 @@ import argparse
 import copy
 import importlib
 import json
-import resource
 import statistics
 import subprocess
 import sys
@@ -36,6 +36,7 @@ from metalib.backbones import Classifier
 WAYS, SHOTS, QUERIES, META_BATCH, INNER_LR = 5, 1, 15, 32, 0.4
 L2L_SOURCE = Path(__file__).resolve().parent / ".learn2learn" / "learn2learn-0.2.0"
 Step = Callable[[EpisodeBatch], None]
+EXECUTIONS = {"metalib (loop)": "loop", "metalib (compile)": "compile", "metalib (vmap)": "vmap"}
 
 
 def load_learn2learn_maml() -> type | None:
@@ -117,10 +118,12 @@ def learn2learn_step(net: Classifier, steps: int, first_order: bool) -> Step:
     return step
 
 
-def implementations(device: torch.device, with_vmap: bool) -> list[str]:
+def implementations(device: torch.device, with_vmap: bool, with_compile: bool) -> list[str]:
     names = ["metalib (loop)", "plain loop"]
     if device.type != "cpu" or with_vmap:
         names.insert(1, "metalib (vmap)")
+    if with_compile:
+        names.insert(1, "metalib (compile)")
     if load_learn2learn_maml() is not None:
         names.append("learn2learn")
     return names
@@ -129,8 +132,8 @@ def implementations(device: torch.device, with_vmap: bool) -> list[str]:
 def build(name: str, device: torch.device, steps: int, first_order: bool) -> Step:
     torch.manual_seed(0)
     net = backbones.create("conv4", in_channels=1, ways=WAYS).to(device)
-    if name.startswith("metalib"):
-        return metalib_step(net, steps, first_order, "vmap" if "vmap" in name else "loop")
+    if name in EXECUTIONS:
+        return metalib_step(net, steps, first_order, EXECUTIONS[name])
     if name == "plain loop":
         return plain_loop_step(copy.deepcopy(net), steps, first_order)
     return learn2learn_step(net, steps, first_order)
@@ -147,7 +150,7 @@ def timed(step: Step, batch: EpisodeBatch) -> float:
 
 
 def peak_memory_mib(name: str, device: torch.device, steps: int, first_order: bool) -> float:
-    """Peak GPU allocation of one step in this process; on CPU, a child process's peak RSS."""
+    """Peak GPU allocation of one step in this process; on CPU, a child's peak RSS in its second step."""
     if device.type == "cuda":
         step, batch = build(name, device, steps, first_order), make_batch(device)
         torch.cuda.reset_peak_memory_stats()
@@ -162,20 +165,25 @@ def peak_memory_mib(name: str, device: torch.device, steps: int, first_order: bo
 def run_child(spec: str) -> None:
     name, steps, first_order = json.loads(spec)
     device = torch.device("cpu")
-    build(name, device, steps, first_order)(make_batch(device))
-    print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)  # KiB on Linux
+    step, batch = build(name, device, steps, first_order), make_batch(device)
+    step(batch)
+    Path("/proc/self/clear_refs").write_text("5")  # Linux: restart the peak-RSS count (VmHWM) here
+    step(batch)
+    status = Path("/proc/self/status").read_text()
+    print(int(status.split("VmHWM:")[1].split()[0]) / 1024)  # kB
 
 
-def benchmark(device: torch.device, rounds: int, with_vmap: bool) -> list[dict[str, object]]:
-    names = implementations(device, with_vmap)
+def benchmark(
+    device: torch.device, rounds: int, with_vmap: bool, with_compile: bool
+) -> list[dict[str, object]]:
+    names = implementations(device, with_vmap, with_compile)
     reference = "learn2learn" if "learn2learn" in names else "plain loop"
     rows = []
     for steps in (1, 5):
         for first_order in (False, True):
             batch = make_batch(device)
             runs = {name: build(name, device, steps, first_order) for name in names}
-            for step in runs.values():  # warm-up: first-call costs are not throughput
-                step(batch)
+            first = {name: timed(step, batch) for name, step in runs.items()}  # warm-up, compiling if asked
             times: dict[str, list[float]] = {name: [] for name in names}
             for _ in range(rounds):
                 for name, step in runs.items():
@@ -190,25 +198,26 @@ def benchmark(device: torch.device, rounds: int, with_vmap: bool) -> list[dict[s
                     "steps/s": 1 / statistics.median(times[name]),
                     f"vs {reference}": statistics.median(ratios),
                     "peak MiB": peak_memory_mib(name, device, steps, first_order),
+                    "first step s": first[name],
                 }
                 rows.append(row)
                 print(json.dumps(row), flush=True)
     return rows
 
 
+DIGITS = {"peak MiB": 0, "first step s": 1}  # decimals per column; 3 for the others
+
+
+def cell(column: str, value: object) -> str:
+    if not isinstance(value, float):
+        return str(value)
+    return f"{value:.{DIGITS.get(column, 3)}f}"
+
+
 def markdown(rows: list[dict[str, object]]) -> str:
     header = list(rows[0])
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for row in rows:
-        cells = [
-            f"{v:.3f}"
-            if isinstance(v, float) and k != "peak MiB"
-            else f"{v:.0f}"
-            if k == "peak MiB"
-            else str(v)
-            for k, v in row.items()
-        ]
-        lines.append("| " + " | ".join(cells) + " |")
+    lines += ["| " + " | ".join(cell(k, v) for k, v in row.items()) + " |" for row in rows]
     return "\n".join(lines)
 
 
@@ -217,6 +226,9 @@ def main() -> None:
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--rounds", type=int, default=5, help="timed steps per implementation and setting")
     parser.add_argument("--with-vmap", action="store_true", help="also time vmap on CPU (slow, ~4 GB)")
+    parser.add_argument(
+        "--no-compile", action="store_true", help="skip execution='compile' (20-120 s to compile per setting)"
+    )
     parser.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's choice)")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -227,7 +239,7 @@ def main() -> None:
         return
     device = torch.device(args.device)
     print(f"torch {torch.__version__}, device {device}, threads {torch.get_num_threads()}", flush=True)
-    print(markdown(benchmark(device, args.rounds, args.with_vmap)))
+    print(markdown(benchmark(device, args.rounds, args.with_vmap, not args.no_compile)))
 
 
 if __name__ == "__main__":
