@@ -3,7 +3,8 @@
 # autograd reference of tests/test_maml_gradients.py (mlp and conv4 with BatchNorm, transductive and
 # per-task statistics, 1 and 5 inner steps, second and first order), and the compiled loop on the
 # second-order transductive cases (conv4 at 1 and 5 steps, mlp at 1); (2) the throughput benchmark
-# on CUDA, where vmap over the meta-batch runs too (the compiled loop is timed on CPU only). Takes
+# on CUDA, where vmap over the meta-batch runs too (the compiled loop is timed on CPU only); (3) every
+# registered learner trains, learns and repeats itself on CUDA (benchmarks/gpu_learners.py). Takes
 # under 5 minutes on one H100-class GPU.
 # Needs only torch (and pytest, which the test module imports). From the repository root:
 #     benchmarks/setup_learn2learn.sh && benchmarks/gpu_check.sh
@@ -43,3 +44,4 @@ for kind in ("mlp", "conv4"):
 print(f"all CUDA meta-gradients match the float64 CPU reference; worst relative error {worst:.2e}")
 PY
 timeout 240 "$python" benchmarks/maml_throughput.py --device cuda --rounds 5 --no-compile
+"$python" benchmarks/gpu_learners.py --device cuda
