@@ -14,10 +14,10 @@ from tasks.compare import compare, render, write_outputs
 
 @task(name="compare", tags=["cpu"])
 def compare_experiment(
-    experiment: str, tracking_uri: str, baseline: str, by: list[str] | None, out_dir: str
+    experiment: str, tracking_uri: str, baseline: str, by: list[str] | None, study: str, out_dir: str
 ) -> str:
     client = MlflowClient(tracking_uri=tracking_uri)
-    comparison = compare(client, experiment, baseline, by)
+    comparison = compare(client, experiment, baseline, by, study)
     write_outputs(client, experiment, comparison, "markdown", Path(out_dir))
     markdown = render(comparison, "markdown")
     create_markdown_artifact(markdown=f"## {experiment}\n\n{markdown}\n", key="comparison")
@@ -30,9 +30,15 @@ def compare_flow(
     tracking_uri: str | None = None,
     baseline: str = "finetune",
     by: list[str] | None = None,
+    study: str = "all",
     out_dir: str = "reports",
 ) -> str:
-    """Reads an experiment's child runs from MLflow; writes and logs the table and plots."""
-    markdown = compare_experiment(experiment, tracking_uri or default_tracking_uri(), baseline, by, out_dir)
+    """Reads an experiment's child runs from MLflow; writes and logs the table and plots.
+
+    `study` is "all" (every study run of the experiment), "latest" or a parent run id, as for
+    `adaptflow compare --study`.
+    """
+    uri = tracking_uri or default_tracking_uri()
+    markdown = compare_experiment(experiment, uri, baseline, by, study, out_dir)
     print(markdown)
     return markdown

@@ -17,10 +17,12 @@ import pandas as pd
 import pytest
 from mlflow.entities import Run
 from mlflow.tracking import MlflowClient
+from prefect.artifacts import Artifact
 from scipy import stats
 
 from adaptflow.cli import main
 from adaptflow.errors import StudyError
+from flows.compare import compare_flow
 from tasks.compare import compare, render
 from tests.conftest import DEMO
 
@@ -216,3 +218,15 @@ def test_study_and_compare_through_a_real_mlflow_server(
             server.wait(timeout=20)
         except subprocess.TimeoutExpired:
             os.killpg(server.pid, signal.SIGKILL)
+
+
+def test_compare_flow_posts_the_table_as_an_artifact(experiment: Experiment) -> None:
+    client, folder = experiment
+    markdown = compare_flow(
+        "compare-test", client.tracking_uri, baseline="protonet", study="latest", out_dir=str(folder / "flow")
+    )
+    assert markdown == render(compare(client, "compare-test", "protonet", study="latest"), "markdown")
+    assert "vs baseline protonet" in markdown
+    artifact = Artifact.get("comparison")
+    assert artifact is not None and markdown in artifact.data
+    assert (folder / "flow" / "comparison.md").read_text().strip() == markdown.strip()
