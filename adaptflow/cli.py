@@ -1,4 +1,4 @@
-"""The `adaptflow` command: run or validate a study spec."""
+"""The `adaptflow` command: run or validate a study spec, compare an experiment's runs."""
 
 from __future__ import annotations
 
@@ -36,7 +36,7 @@ def main(argv: list[str] | None = None) -> int:
             command.add_argument(
                 "--tracking-uri",
                 default=None,
-                help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite:///./mlflow.db)",
+                help="MLflow URI (default: $MLFLOW_TRACKING_URI, else mlflow.db in $ADAPTFLOW_HOME or .)",
             )
     compare = commands.add_parser(
         "compare",
@@ -47,7 +47,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     compare.add_argument("experiment", help="MLflow experiment name (the spec's `name`)")
     compare.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default as for run)")
-    compare.add_argument("--format", default="table", choices=["table", "markdown", "csv", "latex"])
+    compare.add_argument(
+        "--format",
+        default="table",
+        choices=["table", "markdown", "csv", "latex"],
+        help="output format of the table and the paired tests (default: table)",
+    )
     compare.add_argument(
         "--by",
         default="algorithm,target_domain,shots",
