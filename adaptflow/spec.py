@@ -125,6 +125,7 @@ class TrainSpec(Strict):
     lr: float = Field(1e-3, gt=0)
     device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
     shots: int | None = Field(None, ge=1)  # training shots; default: the largest of episodes.shots
+    ways: int | None = Field(None, ge=2)  # training ways; default: episodes.ways (more: see fixed_ways)
     val_every: int = Field(50, ge=1)
     val_episodes: int = Field(100, ge=1)
 
@@ -191,6 +192,16 @@ class StudySpec(Strict):
                 "data.target_unlabelled_fraction (e.g. 0.3) to hold that share of each target domain out "
                 "of evaluation for them"
             )
+        fixed = [a.name for a in self.algorithms if algorithms.REGISTRY.get(a.name).fixed_ways]
+        if self.train_ways != self.episodes.ways and fixed:
+            flexible = [
+                name for name in algorithms.REGISTRY.names() if not algorithms.REGISTRY.get(name).fixed_ways
+            ]
+            raise ValueError(
+                f"train.ways={self.train_ways} differs from episodes.ways={self.episodes.ways}, but "
+                f"{sorted(set(fixed))} have parameters sized for episodes.ways classes; drop train.ways or "
+                f"those algorithms (any train.ways suits {', '.join(flexible)})"
+            )
         names = [algorithm.display_name for algorithm in self.algorithms]
         repeated = sorted({name for name in names if names.count(name) > 1})
         if repeated:
@@ -203,6 +214,10 @@ class StudySpec(Strict):
     @property
     def train_shots(self) -> int:
         return self.train.shots or max(self.episodes.shots)
+
+    @property
+    def train_ways(self) -> int:
+        return self.train.ways or self.episodes.ways
 
     def backbone_for(self, modality: str) -> Options:
         """The spec's backbone, or the default for the modality the data turned out to have."""

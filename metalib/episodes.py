@@ -29,6 +29,10 @@ class EpisodeBatch:
     def num_tasks(self) -> int:
         return self.support_x.shape[0]
 
+    @property
+    def ways(self) -> int:
+        return self.classes.shape[1]
+
     def tensors(self) -> tuple[torch.Tensor, ...]:
         return (self.support_x, self.support_y, self.query_x, self.query_y, self.classes)
 

@@ -181,26 +181,27 @@ def check_episode_shapes(spec: StudySpec, prepared: PreparedData) -> None:
     """Every pool must supply its episodes: enough classes, enough examples per class."""
     ways, queries = spec.episodes.ways, spec.episodes.queries
     needs = [
-        ("source training pool", prepared.source_train, spec.train_shots),
-        ("source validation pool", prepared.source_val, spec.train_shots),
+        ("source training pool", prepared.source_train, spec.train_ways, spec.train_shots),
+        ("source validation pool", prepared.source_val, ways, spec.train_shots),
         *(
-            (f"target domain {name!r}", pool, max(spec.episodes.shots))
+            (f"target domain {name!r}", pool, ways, max(spec.episodes.shots))
             for name, pool in prepared.targets.items()
         ),
     ]
     problems = [
         f"{what}: {problem}"
-        for what, pool, shots in needs
-        for problem in episode_shape_problems(pool.y, ways, shots, queries, prepared.class_names)
+        for what, pool, pool_ways, shots in needs
+        for problem in episode_shape_problems(pool.y, pool_ways, shots, queries, prepared.class_names)
     ]
     if problems:
         raise StudyError(
             "the data cannot supply the episodes asked for:\n  "
             + "\n  ".join(problems)
-            + f"\nAsked: ways={ways}, shots up to {max(spec.episodes.shots)} (training shots "
-            f"{spec.train_shots}), queries={queries}, data.val_fraction={spec.data.val_fraction}, "
-            f"data.target_unlabelled_fraction={spec.data.target_unlabelled_fraction}. Lower "
-            "episodes.ways, episodes.shots or episodes.queries (or those fractions), or drop the domain."
+            + f"\nAsked: ways={ways} (training ways {spec.train_ways}), shots up to "
+            f"{max(spec.episodes.shots)} (training shots {spec.train_shots}), queries={queries}, "
+            f"data.val_fraction={spec.data.val_fraction}, "
+            f"data.target_unlabelled_fraction={spec.data.target_unlabelled_fraction}. Lower episodes.ways, "
+            "train.ways, episodes.shots or episodes.queries (or those fractions), or drop the domain."
         )
 
 

@@ -13,7 +13,7 @@ from prefect.logging import get_run_logger
 
 from adaptflow.errors import StudyError
 from adaptflow.spec import Options, StudySpec, TrainSpec
-from metalib import EpisodeSampler, TrainingHistory, algorithms, backbones, meta_train
+from metalib import EpisodeBatch, EpisodeSampler, TrainingHistory, algorithms, backbones, meta_train
 from metalib.algorithms import Algorithm
 from metalib.device import resolve_device
 from metalib.seeding import derive_seed
@@ -32,7 +32,8 @@ class LearnerSetup:
     backbone: str
     backbone_options: dict[str, Any]
     input_shape: tuple[int, ...]
-    ways: int
+    ways: int  # of evaluation and source-validation episodes
+    train_ways: int  # of meta-training episodes
     num_classes: int
 
     @classmethod
@@ -46,6 +47,7 @@ class LearnerSetup:
             backbone_options=backbone.options(),
             input_shape=prepared.input_shape,
             ways=spec.episodes.ways,
+            train_ways=spec.train_ways,
             num_classes=len(prepared.class_names),
         )
 
@@ -88,6 +90,26 @@ class TrainedModel:
         return learner.to(device)
 
 
+def source_episodes(
+    setup: LearnerSetup,
+    source_train: Pool,
+    source_val: Pool,
+    shots: int,
+    queries: int,
+    train: TrainSpec,
+    seed: int,
+) -> tuple[EpisodeSampler, EpisodeBatch]:
+    """Meta-training episodes (`train_ways` classes) and the fixed source-validation batch, shaped
+    like the evaluation episodes (`ways` classes) so that model selection scores what is tested."""
+    sampler = EpisodeSampler(
+        source_train.x, source_train.y, setup.train_ways, shots, queries, derive_seed(seed, "train")
+    )
+    validation = EpisodeSampler(
+        source_val.x, source_val.y, setup.ways, shots, queries, derive_seed(seed, "validation")
+    ).sample(train.val_episodes)
+    return sampler, validation
+
+
 @task(name="train", cache_policy=stable_inputs(), persist_result=True)
 def train_model(
     setup: LearnerSetup,
@@ -109,12 +131,7 @@ def train_model(
     learner = setup.build().to(device)
     if unlabelled_target is not None:
         learner.set_unlabelled_target(unlabelled_target.to(device))
-    sampler = EpisodeSampler(
-        source_train.x, source_train.y, setup.ways, shots, queries, derive_seed(seed, "train")
-    )
-    validation = EpisodeSampler(
-        source_val.x, source_val.y, setup.ways, shots, queries, derive_seed(seed, "validation")
-    ).sample(train.val_episodes)
+    sampler, validation = source_episodes(setup, source_train, source_val, shots, queries, train, seed)
     progress = TrainingProgress(train.steps, f"meta-training {setup.label}, seed {seed}, on {device}")
 
     def on_validate(step: int, acc: float) -> None:

@@ -50,12 +50,12 @@ def toy_learner(name: str, hparams: dict[str, Any], num_classes: int = 8) -> Alg
     return learner
 
 
-def toy_episodes(num_tasks: int = 3, seed: int = 0) -> metalib.EpisodeBatch:
+def toy_episodes(num_tasks: int = 3, seed: int = 0, ways: int = WAYS) -> metalib.EpisodeBatch:
     """Eight classes with separated means, so episodes have signal to learn from."""
     generator = torch.Generator().manual_seed(seed)
     y = torch.arange(160) % 8
     x = torch.randn(8, TOY_FEATURES, generator=generator)[y] + 0.5 * torch.randn(160, TOY_FEATURES)
-    return metalib.EpisodeSampler(x, y, WAYS, shots=2, queries=3, seed=seed).sample(num_tasks)
+    return metalib.EpisodeSampler(x, y, ways, shots=2, queries=3, seed=seed).sample(num_tasks)
 
 
 @pytest.mark.parametrize("case", CASES, ids=case_id)
@@ -112,6 +112,22 @@ def test_one_step_reaches_every_trainable_parameter(case: tuple[str, dict[str, A
         if name not in unused and (parameter.grad is None or not parameter.grad.abs().sum() > 0)
     ]
     assert not missing, f"no gradient reached {missing}"
+
+
+@pytest.mark.parametrize("name", algorithms.REGISTRY.names())
+def test_fixed_ways_says_which_learners_can_meta_train_on_more_classes(name: str) -> None:
+    """Learners without fixed ways train on 8-way episodes and still answer 5-way ones (train.ways);
+    the others really cannot, so the spec is right to refuse train.ways for them."""
+    learner = toy_learner(name, {})
+    wide = toy_episodes(ways=8)
+    if algorithms.REGISTRY.get(name).fixed_ways:
+        with pytest.raises((RuntimeError, IndexError)):
+            learner.meta_train_step(wide)
+        return
+    metrics = learner.meta_train_step(wide)
+    assert np.isfinite(metrics["loss"])
+    batch = toy_episodes()
+    assert learner.adapt(batch.support_x[0], batch.support_y[0])(batch.query_x[0]).shape == (15, WAYS)
 
 
 def test_dann_without_unlabelled_target_rows_says_so() -> None:

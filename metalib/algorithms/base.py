@@ -31,6 +31,10 @@ class Algorithm(nn.Module, ABC):
     # True for unsupervised domain adaptation: the learner is handed unlabelled target rows
     # (never the evaluation rows) through `set_unlabelled_target` before meta-training.
     uses_unlabelled_target: ClassVar[bool] = False
+    # True when parameters are sized for `ways` classes (a ways-way head, one-hot inputs), so
+    # meta-training episodes must have exactly `ways` classes; False when a learner meta-trains
+    # on episodes of any number of classes (more than it is tested on, as Snell et al. did).
+    fixed_ways: ClassVar[bool] = True
 
     def __init__(self, net: Classifier, *, ways: int, num_classes: int, hparams: HParams) -> None:
         super().__init__()

@@ -26,12 +26,14 @@ class EpisodicLearner(Algorithm):
     """
 
     @abstractmethod
-    def logits(self, support_x: torch.Tensor, support_y: torch.Tensor, query_x: torch.Tensor) -> torch.Tensor:
-        """Query logits [T, Q, ways] for T episodes."""
+    def logits(
+        self, support_x: torch.Tensor, support_y: torch.Tensor, query_x: torch.Tensor, ways: int
+    ) -> torch.Tensor:
+        """Query logits [T, Q, ways] for T episodes of `ways` classes."""
 
     def meta_train_step(self, batch: EpisodeBatch) -> dict[str, float]:
         self.train()
-        logits = self.logits(batch.support_x, batch.support_y, batch.query_x)
+        logits = self.logits(batch.support_x, batch.support_y, batch.query_x, batch.ways)
         loss = F.cross_entropy(logits.flatten(0, 1), batch.query_y.flatten())
         self.step(loss)
         return {"loss": loss.item(), "acc": accuracy(logits, batch.query_y)}
@@ -41,7 +43,7 @@ class EpisodicLearner(Algorithm):
 
         def predict(query_x: torch.Tensor) -> torch.Tensor:
             with torch.no_grad():
-                return self.logits(support_x[None], support_y[None], query_x[None])[0]
+                return self.logits(support_x[None], support_y[None], query_x[None], self.ways)[0]
 
         return predict
 

@@ -38,17 +38,19 @@ class CNP(EpisodicLearner):
         self.pair_encoder = mlp(dim + ways, hidden, hidden)
         self.decoder = mlp(dim + hidden, hidden, 1 if hparams.aggregate == "class" else ways)
 
-    def logits(self, support_x: torch.Tensor, support_y: torch.Tensor, query_x: torch.Tensor) -> torch.Tensor:
+    def logits(
+        self, support_x: torch.Tensor, support_y: torch.Tensor, query_x: torch.Tensor, ways: int
+    ) -> torch.Tensor:
         support = embed_tasks(self.net.encoder, support_x)
         queries = embed_tasks(self.net.encoder, query_x)  # [T, Q, D]
-        pairs = self.pair_encoder(torch.cat([support, F.one_hot(support_y, self.ways).to(support)], -1))
+        pairs = self.pair_encoder(torch.cat([support, F.one_hot(support_y, ways).to(support)], -1))
         if self.hparams.aggregate == "mean":
             context = pairs.mean(1, keepdim=True).expand(-1, queries.shape[1], -1)  # [T, Q, H]
             return self.decoder(torch.cat([queries, context], -1))
-        context = class_means(pairs, support_y, self.ways)  # [T, N, H]
+        context = class_means(pairs, support_y, ways)  # [T, N, H]
         grid = torch.cat(
             [
-                queries.unsqueeze(2).expand(-1, -1, self.ways, -1),
+                queries.unsqueeze(2).expand(-1, -1, ways, -1),
                 context.unsqueeze(1).expand(-1, queries.shape[1], -1, -1),
             ],
             -1,

@@ -77,8 +77,11 @@ class LSTMMeta(EpisodicLearner):
             (grad,) = torch.autograd.grad(losses.sum(), params)
         return grad, losses.detach()
 
-    def logits(self, support_x: torch.Tensor, support_y: torch.Tensor, query_x: torch.Tensor) -> torch.Tensor:
-        """Query logits [T, Q, ways] under the head the meta-learner wrote from the support set."""
+    def logits(
+        self, support_x: torch.Tensor, support_y: torch.Tensor, query_x: torch.Tensor, ways: int
+    ) -> torch.Tensor:
+        """Query logits [T, Q, ways] under the head the meta-learner wrote from the support set
+        (a `self.ways`-way head, so `ways` must equal it)."""
         params = self.unroll(embed_tasks(self.net.encoder, support_x), support_y)
         return self.head_logits(embed_tasks(self.net.encoder, query_x), params)
 

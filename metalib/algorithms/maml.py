@@ -31,7 +31,7 @@ class InnerLoopHParams(base.HParams):
     inner_steps: int = 1  # during meta-training
     inner_steps_eval: int = 10  # when adapting to a new episode
     bn_mode: str = "transductive"  # BatchNorm statistics: of the query batch, or "per_task": of the support
-    # "loop" over tasks, "compile": that loop under torch.compile (20-90 s once, then faster on CPU),
+    # "loop" over tasks, "compile": that loop under torch.compile (20-90 s per shape, then faster on CPU),
     # "vmap" over tasks, "auto": vmap on accelerators, loop on CPU
     execution: str = "auto"
 

@@ -35,7 +35,11 @@ class MatchingNet(EpisodicLearner):
             self.support_lstm = nn.LSTM(dim, dim, batch_first=True, bidirectional=True)
             self.query_cell = nn.LSTMCell(2 * dim, dim)
 
-    def logits(self, support_x: torch.Tensor, support_y: torch.Tensor, query_x: torch.Tensor) -> torch.Tensor:
+    fixed_ways = False
+
+    def logits(
+        self, support_x: torch.Tensor, support_y: torch.Tensor, query_x: torch.Tensor, ways: int
+    ) -> torch.Tensor:
         """Log-probabilities [T, Q, ways]: per class, the log of the attention on its support examples."""
         support = embed_tasks(self.net.encoder, support_x)
         queries = embed_tasks(self.net.encoder, query_x)
@@ -43,7 +47,7 @@ class MatchingNet(EpisodicLearner):
             support = self.contextual_support(support)
             queries = self.contextual_queries(queries, support)
         similarity = distance_logits(queries, support, "cosine")  # 10 * cosine, [T, Q, S]
-        in_class = F.one_hot(support_y, self.ways).bool()[:, None]  # [T, 1, S, N]
+        in_class = F.one_hot(support_y, ways).bool()[:, None]  # [T, 1, S, N]
         per_class = similarity.unsqueeze(-1).masked_fill(~in_class, float("-inf")).logsumexp(2)
         return per_class - similarity.logsumexp(-1, keepdim=True)
 

@@ -22,8 +22,12 @@ class ProtoNet(EpisodicLearner):
             if self.distance not in ("euclidean", "cosine"):
                 raise ValueError(f"protonet distance must be 'euclidean' or 'cosine', not {self.distance!r}")
 
-    def logits(self, support_x: torch.Tensor, support_y: torch.Tensor, query_x: torch.Tensor) -> torch.Tensor:
+    fixed_ways = False
+
+    def logits(
+        self, support_x: torch.Tensor, support_y: torch.Tensor, query_x: torch.Tensor, ways: int
+    ) -> torch.Tensor:
         """Query logits [T, Q, N]: negative distances to the support set's class means."""
         encoder = self.net.encoder
-        prototypes = class_means(embed_tasks(encoder, support_x), support_y, self.ways)
+        prototypes = class_means(embed_tasks(encoder, support_x), support_y, ways)
         return distance_logits(embed_tasks(encoder, query_x), prototypes, self.hparams.distance)

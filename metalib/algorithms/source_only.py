@@ -19,6 +19,8 @@ from metalib.episodes import EpisodeBatch
 
 @REGISTRY.register("source_only")
 class SourceOnly(Algorithm):
+    fixed_ways = False  # trains on global labels; every episode's classes count alike
+
     def __init__(self, net: Classifier, *, ways: int, num_classes: int, hparams: HParams) -> None:
         super().__init__(net, ways=ways, num_classes=num_classes, hparams=hparams)
         self.source_head = nn.Linear(net.embed_dim, num_classes)
