@@ -71,6 +71,11 @@ def load_runs(client: MlflowClient, experiment: str, study: str = "all") -> pd.D
         for run in runs
         if "acc" in run.data.metrics
     ]
+    if not rows and study not in ("all", "latest"):
+        raise StudyError(
+            f"no evaluated runs of study run {study!r} in experiment {experiment!r}; "
+            "use --study all, latest or the run id of one of its study (parent) runs"
+        )
     if not rows:
         raise StudyError(f"experiment {experiment!r} has no evaluated runs yet; run a study first")
     frame = pd.DataFrame(rows).sort_values("start_time")
@@ -157,7 +162,7 @@ def render(comparison: Comparison, fmt: str = "table") -> str:
     if fmt == "csv":
         return comparison.summary.to_csv(index=False) + "\n" + comparison.paired.to_csv(index=False)
     wide = accuracy_table(
-        comparison.summary,
+        comparison.summary.sort_values(comparison.by[0], kind="stable"),  # rows alphabetically
         comparison.by,
         average_targets=True,
         mark_best=fmt if fmt in ("markdown", "latex") else None,

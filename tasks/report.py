@@ -139,7 +139,7 @@ def summarise(runs: pd.DataFrame, by: list[str] | None = None) -> pd.DataFrame:
 def format_table(summary: pd.DataFrame, markdown: bool = False) -> str:
     """Algorithms as rows, target x shots as columns, cells 'acc ± ci' in percent."""
     table = accuracy_table(summary, ["algorithm", "target", "shots"])
-    return to_markdown(table) if markdown else table.to_string()
+    return to_markdown(table, "algorithm") if markdown else table.to_string()
 
 
 @task(name="report", tags=["cpu"])

@@ -31,7 +31,8 @@ def accuracy_table(
     """`summary` (with `acc` and `ci95` per group of `by`) as a wide table of text cells.
 
     Rows keep their order of first appearance; columns are sorted. With `average_targets`
-    and "target" among the column keys, "avg" columns give the mean accuracy over targets.
+    and "target" among the column keys, "avg" columns give the mean accuracy over targets,
+    for rows that have every target only (else "–": a mean over fewer targets is not comparable).
     `mark_best` ("markdown" or "latex") sets the best cell of each column in bold.
     """
     summary = summary.copy()
@@ -43,8 +44,10 @@ def accuracy_table(
     intervals = summary.pivot(index=rows_key, columns="column", values="ci95").loc[rows, columns]
     if average_targets and "target" in column_keys:
         rest = [key for key in column_keys if key != "target"]
-        averages = summary.groupby([rows_key, *rest]).acc.mean().reset_index()
-        averages["column"] = ["avg " + name if name else "avg" for name in column_names(averages, rest)]
+        targets = summary.target.nunique()
+        grouped = summary.groupby([rows_key, *rest])
+        averages = grouped.acc.mean().where(grouped.target.nunique() == targets).reset_index()
+        averages["column"] = ["avg " + name for name in column_names(averages, rest)] if rest else "avg"
         average_table = averages.pivot(index=rows_key, columns="column", values="acc")
         values = values.join(average_table)
         intervals = intervals.join(average_table * float("nan"))
@@ -63,10 +66,11 @@ def accuracy_table(
     return cells.rename_axis(None).rename_axis(None, axis=1)
 
 
-def to_markdown(frame: pd.DataFrame) -> str:
-    """A markdown table; the index becomes the first column unless it is a plain range."""
+def to_markdown(frame: pd.DataFrame, index_label: str = "") -> str:
+    """A markdown table; the index becomes the first column (headed `index_label`) unless it is a
+    plain range."""
     index = not isinstance(frame.index, pd.RangeIndex)
-    header = ([""] if index else []) + [str(column) for column in frame.columns]
+    header = ([index_label] if index else []) + [str(column) for column in frame.columns]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for label, row in frame.iterrows():
         cells = ([str(label)] if index else []) + [str(value) for value in row]

@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from adaptflow.cli import main
-from tests.conftest import DEMO
+from tests.conftest import DEMO, ROOT
 
 
 def write_spec(tmp_path: Path, **changes: object) -> Path:
@@ -76,12 +76,24 @@ def test_too_few_examples_per_class(tmp_path: Path, capsys: pytest.CaptureFixtur
     # dslr has 8 images of class 8 and 10 of class 4; 5 shots + 6 queries need 11
     assert "target domain 'dslr'" in err
     assert "8: 8" in err and "4: 10" in err
-    assert "episodes.ways, episodes.shots or episodes.queries" in err
+    assert "episodes.ways, train.ways, episodes.shots or episodes.queries" in err
 
 
 def test_more_ways_than_classes(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     err = run_cli([str(DEMO), "--set", "episodes.ways=12"], tmp_path, capsys)
     assert "ways=12 but only 10 classes are present" in err
+    err = run_cli([str(DEMO), "--set", "train.ways=11"], tmp_path, capsys)
+    assert "source training pool: ways=11 but only 10 classes are present" in err
+    assert "training ways 11" in err and "target domain" not in err
+
+
+def test_more_training_ways_for_a_ways_sized_learner(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    args = ["--set", "train.ways=8", "--set", "algorithms=[{name: protonet}, {name: maml}, {name: cnp}]"]
+    err = run_cli([str(DEMO), *args], tmp_path, capsys)
+    assert "train.ways=8 differs from episodes.ways=5" in err
+    assert "['cnp', 'maml']" in err and "protonet" in err.split("suits")[1]
 
 
 def test_unknown_algorithm_and_hyperparameter(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -117,3 +129,8 @@ def test_validate_command_accepts_the_demo(capsys: pytest.CaptureFixture[str]) -
     assert main(["validate", str(DEMO)]) == 0
     out = capsys.readouterr().out
     assert "valid" in out and "'dslr': 157" in out
+
+
+def test_images_too_small_for_conv4(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    err = run_cli([str(ROOT / "studies" / "digits.yaml"), "--set", "data.image_size=12"], tmp_path, capsys)
+    assert "images must be at least 16x16, not 12x12; raise data.image_size" in err

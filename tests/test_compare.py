@@ -24,6 +24,7 @@ from adaptflow.cli import main
 from adaptflow.errors import StudyError
 from flows.compare import compare_flow
 from tasks.compare import compare, render
+from tasks.tables import accuracy_table
 from tests.conftest import DEMO
 
 pytestmark = pytest.mark.slow
@@ -109,6 +110,8 @@ def test_formats_mark_the_best_and_average_over_targets(experiment: Experiment) 
     comparison = compare(client, "compare-test")
     markdown = render(comparison, "markdown")
     header = markdown.splitlines()[0]
+    rows = [line.split("|")[1].strip() for line in markdown.splitlines()[2:5]]
+    assert rows == ["finetune", "protonet", "source_only"]  # alphabetical, whatever the run order
     assert "avg 1-shot" in header and "avg 5-shot" in header and "dslr 5-shot" in header
     for shots in (1, 5):
         cells = comparison.summary[comparison.summary.shots == shots]
@@ -225,8 +228,28 @@ def test_compare_flow_posts_the_table_as_an_artifact(experiment: Experiment) -> 
     markdown = compare_flow(
         "compare-test", client.tracking_uri, baseline="protonet", study="latest", out_dir=str(folder / "flow")
     )
+    with pytest.raises(StudyError, match="no evaluated runs of study run 'no-such-run'"):
+        compare_flow("compare-test", client.tracking_uri, study="no-such-run", out_dir=str(folder / "flow"))
     assert markdown == render(compare(client, "compare-test", "protonet", study="latest"), "markdown")
     assert "vs baseline protonet" in markdown
     artifact = Artifact.get("comparison")
     assert artifact is not None and markdown in artifact.data
     assert (folder / "flow" / "comparison.md").read_text().strip() == markdown.strip()
+
+
+def test_target_averages_only_for_rows_with_every_target() -> None:
+    """A mean over fewer targets is not comparable: it is shown as '–' and never marked best."""
+    summary = pd.DataFrame(
+        [
+            {"algorithm": "protonet", "target": "dslr", "shots": 1, "acc": 0.5, "ci95": 0.01},
+            {"algorithm": "protonet", "target": "webcam", "shots": 1, "acc": 0.7, "ci95": 0.01},
+            {"algorithm": "maml", "target": "dslr", "shots": 1, "acc": 0.9, "ci95": 0.01},
+        ]
+    )
+    by = ["algorithm", "target", "shots"]
+    table = accuracy_table(summary, by, average_targets=True, mark_best="markdown")
+    assert list(table.index) == ["protonet", "maml"]
+    assert table.at["protonet", "avg 1-shot"] == "**60.0**" and table.at["maml", "avg 1-shot"] == "–"
+    assert table.at["maml", "webcam 1-shot"] == "–" and table.at["maml", "dslr 1-shot"] == "**90.0 ± 1.0**"
+    by_target = accuracy_table(summary, ["algorithm", "target"], average_targets=True)
+    assert list(by_target.columns) == ["dslr", "webcam", "avg"]

@@ -11,9 +11,11 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.func import grad, vmap
 
-from metalib import EpisodeBatch, algorithms, backbones
+from metalib import EpisodeBatch, algorithms, backbones, functional
 from metalib.backbones import Classifier
+from metalib.backbones.conv4 import under_vmap
 
 WAYS, SHOTS, QUERIES, TASKS = 3, 1, 2, 2
 INNER_LR = 0.3
@@ -158,9 +160,13 @@ def test_compiled_meta_gradient_matches_autograd_reference(kind: str, steps: int
 
 @pytest.mark.parametrize("execution", ["loop", "compile", "vmap"])
 def test_per_task_batchnorm_meta_gradient_matches_reference(execution: str) -> None:
+    torch._dynamo.reset()
+    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
     net, batch = make_net("conv4"), make_batch("conv4")
     want = reference_meta_gradient(net, batch, steps=2, first_order=False, bn_mode="per_task")
     got = maml_meta_gradient(net, batch, steps=2, first_order=False, bn_mode="per_task", execution=execution)
+    compiled = torch._dynamo.utils.counters["stats"]["unique_graphs"] > graphs
+    assert compiled == (execution == "compile")
     assert relative_error(got, want) < 1e-9
     transductive = reference_meta_gradient(net, batch, steps=2, first_order=False, bn_mode="transductive")
     assert relative_error(transductive, want) > 1e-3  # the setting changes the model, so it must be logged
@@ -179,10 +185,41 @@ def test_second_order_differs_from_first_order(kind: str) -> None:
     assert relative_error(first, second) > 1e-3
 
 
-def test_conv4_batchnorm_matches_torch_batch_norm() -> None:
+@pytest.mark.parametrize("path", ["fused", "basic ops"])
+def test_conv4_batchnorm_matches_torch_batch_norm(path: str) -> None:
+    """Both of BatchNorm's paths: torch's fused kernel, and the basic ops used under vmap and compile
+    (taking statistics from all rows, which is what batch statistics are)."""
     net = make_net("conv4")
     x = make_batch("conv4").query_x[0]
-    assert torch.allclose(net(x), reference_forward(dict(net.named_parameters()), x), rtol=0, atol=1e-12)
+    want = reference_forward(dict(net.named_parameters()), x)
+    if path == "basic ops":
+        with functional.support_statistics(net, len(x)):
+            got = net(x)
+    else:
+        got = net(x)
+    assert torch.allclose(got, want, rtol=0, atol=1e-12)
+
+
+def test_batchnorm_knows_when_it_runs_under_vmap() -> None:
+    """The fused kernel's second-order gradient is wrong under vmap, so BatchNorm must see vmap
+    through any nesting of transforms."""
+    seen: list[bool] = []
+
+    def probe(x: torch.Tensor) -> torch.Tensor:
+        seen.append(under_vmap())
+        return x.sum()
+
+    x = torch.randn(3, 2)
+    probe(x)
+    vmap(probe)(x)
+    vmap(grad(probe))(x)
+    grad(lambda y: vmap(probe)(y).sum())(x)
+    assert seen == [False, True, True, True]
+
+
+def test_conv4_refuses_images_too_small_for_four_poolings() -> None:
+    with pytest.raises(ValueError, match="at least 16x16.*data.image_size"):
+        backbones.create("conv4", ways=WAYS, input_shape=(1, 15, 15))
 
 
 @pytest.mark.parametrize("execution", ["loop", "vmap"])

@@ -24,8 +24,9 @@ class BatchNorm(nn.Module):
     examples (the support set of an episode). Batch statistics use torch's fused kernel
     (1.35-1.5x faster per MAML step on CPU than basic ops) except under vmap, where the fused
     kernel's second-order gradient is wrong (1-2% relative error, float64), and under
-    torch.compile, whose compiler fuses basic ops itself; there, and for support statistics,
-    it is written from basic ops, which are exact everywhere.
+    torch.compile, whose compiler fuses basic ops itself; there, for support statistics and
+    for a batch with one value per channel (which the fused kernel refuses; the output is then
+    `bias`), it is written from basic ops, which are exact everywhere.
     """
 
     def __init__(self, channels: int, eps: float = 1e-5) -> None:
@@ -36,7 +37,8 @@ class BatchNorm(nn.Module):
         self.stats_rows: int | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.stats_rows is None and not torch.compiler.is_compiling() and not under_vmap():
+        fused = self.stats_rows is None and x.numel() > x.shape[1]
+        if fused and not torch.compiler.is_compiling() and not under_vmap():
             return F.batch_norm(x, None, None, self.weight, self.bias, training=True, eps=self.eps)
         reference = x if self.stats_rows is None else x[: self.stats_rows]
         mean = reference.mean((0, 2, 3), keepdim=True)
@@ -69,6 +71,11 @@ class Conv4(nn.Module):
 
     @staticmethod
     def input_options(input_shape: tuple[int, ...]) -> dict[str, int]:
+        if min(input_shape[1:]) < 16:
+            raise ValueError(
+                f"conv4 halves its input four times, so images must be at least 16x16, not "
+                f"{'x'.join(map(str, input_shape[1:]))}; raise data.image_size"
+            )
         return {"in_channels": input_shape[0]}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
