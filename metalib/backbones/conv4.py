@@ -5,14 +5,21 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch._C._functorch import TransformType
-from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
+
+try:  # private helpers (torch 2.x); without them BatchNorm always takes the exact basic-ops path
+    from torch._C._functorch import TransformType
+    from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
+except ImportError:
+    retrieve_all_functorch_interpreters = None
 
 from metalib.backbones import REGISTRY
 
 
 def under_vmap() -> bool:
-    """Whether the caller runs inside `torch.func.vmap` (at any depth of nested transforms)."""
+    """Whether the caller runs inside `torch.func.vmap` (at any depth of nested transforms);
+    True whenever the installed torch cannot tell."""
+    if retrieve_all_functorch_interpreters is None:
+        return True
     return any(layer.key() == TransformType.Vmap for layer in retrieve_all_functorch_interpreters())
 
 
