@@ -57,19 +57,21 @@ class StableInputs(CachePolicy):
         **kwargs: Any,
     ) -> str | None:
         tokens = {name: stable_token(value) for name, value in inputs.items() if name not in self.exclude}
-        return hash_objects(tokens, library_version(), raise_on_failure=True)
+        return hash_objects(tokens, code_version(), raise_on_failure=True)
 
 
 @functools.cache
-def library_version() -> str:
-    """A digest of metalib's source: results computed by other learner or backbone code are not reused."""
-    root = Path(metalib.__file__).parent
+def code_version() -> str:
+    """A digest of metalib's and tasks' source: results computed by other learner, backbone or task
+    code (a task's helper functions included, which TASK_SOURCE does not see) are not reused."""
     digest = hashlib.sha256()
-    for path in sorted(root.rglob("*.py")):
-        digest.update(path.relative_to(root).as_posix().encode() + b"\0" + path.read_bytes())
+    for root in (Path(metalib.__file__).parent, Path(__file__).parent):
+        for path in sorted(root.rglob("*.py")):
+            digest.update(f"{root.name}/{path.relative_to(root).as_posix()}".encode() + b"\0")
+            digest.update(path.read_bytes())
     return digest.hexdigest()
 
 
 def stable_inputs(*exclude: str) -> CachePolicy:
-    """Cache on the task's inputs (but `exclude`), its source code and metalib's source."""
+    """Cache on the task's inputs (but `exclude`), its source code and the source of metalib and tasks."""
     return StableInputs(exclude=list(exclude)) + TASK_SOURCE

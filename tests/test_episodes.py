@@ -3,11 +3,17 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
 
+from adaptflow.spec import load_spec
 from metalib import EpisodeSampler, episode_shape_problems, mean_ci95, split_per_class
+from tasks.caching import StableInputs
+from tasks.prepare import prepare
+from tasks.train import LearnerSetup, source_episodes
+from tests.conftest import DEMO
 
 
 def pool(classes: int = 6, per_class: int = 10) -> tuple[torch.Tensor, torch.Tensor]:
@@ -67,3 +73,27 @@ def test_mean_ci95_matches_hand_computation() -> None:
     sample_std = math.sqrt(sum((a - 0.55) ** 2 for a in [0.2, 0.4, 0.6, 1.0]) / 3)
     assert mean == pytest.approx(0.55)
     assert ci == pytest.approx(1.96 * sample_std / 2)
+
+
+def test_training_episodes_use_train_ways_and_validation_the_evaluation_ways(tmp_path: Path) -> None:
+    """train.ways widens meta-training episodes only: model selection scores episodes shaped like the test."""
+    spec = load_spec(DEMO, ["train.ways=8", "train.val_episodes=4"])
+    prepared = prepare(spec.data, spec.source, spec.target, cache=tmp_path)
+    setup = LearnerSetup.from_spec(spec, spec.algorithms[0], prepared)
+    sampler, validation = source_episodes(
+        setup, prepared.source_train, prepared.source_val, spec.train_shots, 3, spec.train, seed=0
+    )
+    assert sampler.sample(2).ways == 8
+    assert validation.ways == spec.episodes.ways == 5 and validation.num_tasks == 4
+    assert setup.build().ways == 5
+
+
+def test_train_cache_key_follows_train_ways(tmp_path: Path) -> None:
+    """Cached training is reused for the same setup only: another train.ways trains again."""
+    keys = []
+    for ways in (None, 8, 8):
+        spec = load_spec(DEMO, [f"train.ways={ways}"] if ways else [])
+        prepared = prepare(spec.data, spec.source, spec.target, cache=tmp_path)
+        setup = LearnerSetup.from_spec(spec, spec.algorithms[0], prepared)
+        keys.append(StableInputs().compute_key(None, {"setup": setup, "train": spec.train}, {}))
+    assert keys[0] != keys[1] == keys[2]

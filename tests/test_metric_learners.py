@@ -114,11 +114,17 @@ def test_one_step_reaches_every_trainable_parameter(case: tuple[str, dict[str, A
     assert not missing, f"no gradient reached {missing}"
 
 
-@pytest.mark.parametrize("name", algorithms.REGISTRY.names())
-def test_fixed_ways_says_which_learners_can_meta_train_on_more_classes(name: str) -> None:
+EVERY_LEARNER = [(name, {}) for name in algorithms.REGISTRY.names()] + [("matchingnet", {"fce": True})]
+
+
+@pytest.mark.parametrize("case", EVERY_LEARNER, ids=case_id)
+def test_fixed_ways_says_which_learners_can_meta_train_on_more_classes(
+    case: tuple[str, dict[str, Any]],
+) -> None:
     """Learners without fixed ways train on 8-way episodes and still answer 5-way ones (train.ways);
     the others really cannot, so the spec is right to refuse train.ways for them."""
-    learner = toy_learner(name, {})
+    name, hparams = case
+    learner = toy_learner(name, hparams)
     wide = toy_episodes(ways=8)
     if algorithms.REGISTRY.get(name).fixed_ways:
         with pytest.raises((RuntimeError, IndexError)):

@@ -11,9 +11,6 @@ from mlflow.tracking import MlflowClient
 
 from adaptflow.cli import main
 from adaptflow.errors import StudyError
-from adaptflow.spec import load_spec
-from tasks.prepare import prepare
-from tasks.train import LearnerSetup, source_episodes
 from tests.conftest import DEMO
 
 pytestmark = pytest.mark.slow
@@ -148,16 +145,3 @@ def test_flow_rejects_bad_data_before_touching_mlflow(prefect_server: None, tmp_
     with pytest.raises(StudyError, match=r"\['photos'\] not found"):
         study(spec=str(DEMO), overrides=["target=[photos]"], tracking_uri=uri)
     assert not (tmp_path / "mlflow.db").exists()
-
-
-def test_training_episodes_use_train_ways_and_validation_the_evaluation_ways(tmp_path: Path) -> None:
-    """train.ways widens meta-training episodes only: model selection scores episodes shaped like the test."""
-    spec = load_spec(DEMO, ["train.ways=8", "train.val_episodes=4"])
-    prepared = prepare(spec.data, spec.source, spec.target, cache=tmp_path)
-    setup = LearnerSetup.from_spec(spec, spec.algorithms[0], prepared)
-    sampler, validation = source_episodes(
-        setup, prepared.source_train, prepared.source_val, spec.train_shots, 3, spec.train, seed=0
-    )
-    assert sampler.sample(2).ways == 8
-    assert validation.ways == spec.episodes.ways == 5 and validation.num_tasks == 4
-    assert setup.build().ways == 5
