@@ -172,6 +172,14 @@ class StudySpec(Strict):
         return self
 
     @model_validator(mode="after")
+    def _training_episode_shape(self) -> StudySpec:
+        """Training shots and ways default from the evaluation episodes. Resolved here, so MLflow
+        params and cache keys carry the values used, and stating a default changes nothing."""
+        self.train.shots = self.train.shots or max(self.episodes.shots)
+        self.train.ways = self.train.ways or self.episodes.ways
+        return self
+
+    @model_validator(mode="after")
     def _known_components(self) -> StudySpec:
         """Algorithm names and hyperparameters, and the backbone name, are checked at load time."""
         try:

@@ -89,11 +89,12 @@ def test_training_episodes_use_train_ways_and_validation_the_evaluation_ways(tmp
 
 
 def test_train_cache_key_follows_train_ways(tmp_path: Path) -> None:
-    """Cached training is reused for the same setup only: another train.ways trains again."""
+    """Cached training is reused for the same setup only: another train.ways trains again, while
+    stating the default (episodes.ways, 5) changes nothing."""
     keys = []
-    for ways in (None, 8, 8):
+    for ways in (None, 5, 8, 8):
         spec = load_spec(DEMO, [f"train.ways={ways}"] if ways else [])
         prepared = prepare(spec.data, spec.source, spec.target, cache=tmp_path)
         setup = LearnerSetup.from_spec(spec, spec.algorithms[0], prepared)
         keys.append(StableInputs().compute_key(None, {"setup": setup, "train": spec.train}, {}))
-    assert keys[0] != keys[1] == keys[2]
+    assert keys[0] == keys[1] != keys[2] == keys[3]
