@@ -22,6 +22,13 @@ import flows.study  # noqa: E402,F401
 ROOT = Path(__file__).resolve().parents[1]
 OFFICE = ROOT / "data" / "office_caltech10_surf"
 DEMO = ROOT / "studies" / "demo.yaml"
+# Spec overrides that make a study's training take seconds, not minutes.
+TINY_TRAINING = ["train.steps=10", "train.val_every=5", "train.val_episodes=10"]
+
+
+def cli_overrides(*items: str) -> list[str]:
+    """`--set` flags of `adaptflow run` for spec overrides like "train.steps=10"."""
+    return [flag for item in items for flag in ("--set", item)]
 
 
 @pytest.fixture(scope="session")

@@ -25,16 +25,11 @@ from adaptflow.errors import StudyError
 from flows.compare import compare_flow
 from tasks.compare import compare, render
 from tasks.tables import accuracy_table
-from tests.conftest import DEMO
+from tests.conftest import DEMO, TINY_TRAINING, cli_overrides
 
 pytestmark = pytest.mark.slow
 
-TINY = [
-    "--set", "train.steps=10",
-    "--set", "train.val_every=5",
-    "--set", "train.val_episodes=10",
-    "--set", "episodes.eval_episodes=20",
-]  # fmt: skip
+TINY = cli_overrides(*TINY_TRAINING, "episodes.eval_episodes=20")
 Experiment = tuple[MlflowClient, Path]
 ALGORITHMS = "algorithms=[{name: protonet}, {name: source_only}, {name: finetune, adapt_steps: 10}]"
 

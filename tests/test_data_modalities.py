@@ -18,7 +18,7 @@ from adaptflow.errors import StudyError
 from adaptflow.spec import DataSpec, Options, load_spec
 from tasks.prepare import PreparedData, prepare
 from tasks.train import LearnerSetup
-from tests.conftest import DEMO
+from tests.conftest import DEMO, cli_overrides
 
 
 def write(folder: Path, name: str, rows: dict[str, list], features: datasets.Features | None = None) -> str:
@@ -179,10 +179,14 @@ def test_default_text_backbone_trains_on_prepared_text(tmp_path: Path) -> None:
     assert net(prepared.targets["b"].x).shape == (20, 2)
 
 
-TINY = [
-    "--set", "train.steps=2", "--set", "train.val_every=1", "--set", "train.val_episodes=2",
-    "--set", "train.meta_batch=2", "--set", "episodes.eval_episodes=3", "--set", "episodes.shots=[1]",
-]  # fmt: skip
+TINY = cli_overrides(
+    "train.steps=2",
+    "train.val_every=1",
+    "train.val_episodes=2",
+    "train.meta_batch=2",
+    "episodes.eval_episodes=3",
+    "episodes.shots=[1]",
+)
 
 
 @pytest.mark.slow

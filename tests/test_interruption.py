@@ -13,19 +13,17 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from adaptflow.cli import main
-from tests.conftest import DEMO, ROOT
+from tests.conftest import DEMO, ROOT, TINY_TRAINING, cli_overrides
 
 pytestmark = pytest.mark.slow
 
-ARGS = [
-    "--set", "train.steps=10",
-    "--set", "train.val_every=5",
-    "--set", "train.val_episodes=10",
-    "--set", "episodes.eval_episodes=100",
-    "--set", "seeds=[0, 1]",
-    "--set", "algorithms=[{name: protonet}, {name: finetune}]",
-    "--set", "name=interrupted",
-]  # fmt: skip
+ARGS = cli_overrides(
+    *TINY_TRAINING,
+    "episodes.eval_episodes=100",
+    "seeds=[0, 1]",
+    "algorithms=[{name: protonet}, {name: finetune}]",
+    "name=interrupted",
+)
 
 
 def evaluation_runs(client: MlflowClient) -> list:  # list of mlflow Run

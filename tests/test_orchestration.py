@@ -18,15 +18,13 @@ from typing import Any
 import pytest
 from mlflow.tracking import MlflowClient
 
-from tests.conftest import ROOT
+from tests.conftest import ROOT, TINY_TRAINING
 
 pytestmark = pytest.mark.slow
 
 PREFECT = str(Path(sys.executable).parent / "prefect")
 TINY = [
-    "train.steps=10",
-    "train.val_every=5",
-    "train.val_episodes=10",
+    *TINY_TRAINING,
     "episodes.eval_episodes=10",
     "seeds=[0]",
     "algorithms=[{name: protonet}]",
