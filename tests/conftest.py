@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import signal
+import subprocess
 import tempfile
 from pathlib import Path
 
@@ -29,6 +31,20 @@ TINY_TRAINING = ["train.steps=10", "train.val_every=5", "train.val_episodes=10"]
 def cli_overrides(*items: str) -> list[str]:
     """`--set` flags of `adaptflow run` for spec overrides like "train.steps=10"."""
     return [flag for item in items for flag in ("--set", item)]
+
+
+def stop(process: subprocess.Popen, grace: float) -> None:
+    """SIGTERM to the process group (what it started too, even if it has exited), SIGKILL if it
+    has not exited after `grace` seconds."""
+    try:
+        os.killpg(process.pid, signal.SIGTERM)
+    except ProcessLookupError:  # the whole group is gone already
+        return
+    try:
+        process.wait(grace)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait(10)
 
 
 @pytest.fixture(scope="session")

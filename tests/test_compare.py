@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -25,7 +24,7 @@ from adaptflow.errors import StudyError
 from flows.compare import compare_flow
 from tasks.compare import compare, render
 from tasks.tables import accuracy_table
-from tests.conftest import DEMO, TINY_TRAINING, cli_overrides
+from tests.conftest import DEMO, TINY_TRAINING, cli_overrides, stop
 
 pytestmark = pytest.mark.slow
 
@@ -211,11 +210,7 @@ def test_study_and_compare_through_a_real_mlflow_server(
         table = pd.read_csv(client.download_artifacts(parent, "results.csv", str(tmp_path)))
         assert len(table) == 2 * 2 * 2
     finally:
-        os.killpg(server.pid, signal.SIGTERM)
-        try:
-            server.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(server.pid, signal.SIGKILL)
+        stop(server, grace=20)
 
 
 def test_compare_flow_posts_the_table_as_an_artifact(experiment: Experiment) -> None:

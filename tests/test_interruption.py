@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import signal
 import subprocess
 import sys
 import time
@@ -13,7 +11,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from adaptflow.cli import main
-from tests.conftest import DEMO, ROOT, TINY_TRAINING, cli_overrides
+from tests.conftest import DEMO, ROOT, TINY_TRAINING, cli_overrides, stop
 
 pytestmark = pytest.mark.slow
 
@@ -47,11 +45,7 @@ def test_interrupted_run_keeps_finished_work_and_rerun_resumes(prefect_server: N
             assert time.time() < deadline, "no evaluation was logged in time"
             time.sleep(0.1)
     finally:
-        os.killpg(run.pid, signal.SIGTERM)
-        try:
-            run.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(run.pid, signal.SIGKILL)
+        stop(run, grace=60)
     finished = {r.info.run_name for r in evaluation_runs(client) if r.info.status == "FINISHED"}
     assert 1 <= len(finished) < 16  # kept what it finished, and did not finish everything
     experiment_id = client.get_experiment_by_name("interrupted").experiment_id

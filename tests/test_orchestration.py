@@ -4,7 +4,6 @@ a process worker, and study and sweep deployment runs, checked through the Prefe
 from __future__ import annotations
 
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -18,7 +17,7 @@ from typing import Any
 import pytest
 from mlflow.tracking import MlflowClient
 
-from tests.conftest import ROOT, TINY_TRAINING
+from tests.conftest import ROOT, TINY_TRAINING, stop
 
 pytestmark = pytest.mark.slow
 
@@ -56,17 +55,6 @@ def start(command: list[str], env: dict[str, str], log: Path, cwd: Path) -> subp
     return subprocess.Popen(
         command, env=env, cwd=cwd, stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True
     )
-
-
-def stop(process: subprocess.Popen, grace: float) -> None:
-    """SIGTERM to the process group, SIGKILL if it has not exited after `grace` seconds."""
-    if process.poll() is None:
-        os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(grace)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait(10)
 
 
 def prefect(server: Server, *args: str) -> str:
