@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # On a CUDA machine: (1) MAML's float64 meta-gradient on the GPU, loop and vmap, against the CPU
-# autograd reference of tests/test_maml_gradients.py (mlp and conv4 with BatchNorm, transductive and
-# per-task statistics, 1 and 5 inner steps, second and first order), and the compiled loop on the
-# second-order transductive cases (conv4 at 1 and 5 steps, mlp at 1); (2) the throughput benchmark
+# autograd reference of tests/test_maml_gradients.py (mlp and conv4 with BatchNorm, support-set and
+# transductive statistics, 1 and 5 inner steps, second and first order), and the compiled loop on the
+# second-order cases of the default (support) normalisation (conv4 at 1 and 5 steps, mlp at 1); (2) the throughput benchmark
 # on CUDA, where vmap over the meta-batch runs too (the compiled loop is timed on CPU only); (3) every
 # registered learner trains, learns and repeats itself on CUDA (benchmarks/gpu_learners.py). Takes
 # under 5 minutes on one H100-class GPU.
@@ -25,20 +25,21 @@ assert torch.cuda.is_available(), "no CUDA device"
 print(f"torch {torch.__version__} on {torch.cuda.get_device_name()}")
 worst = 0.0
 for kind in ("mlp", "conv4"):
-    for bn_mode in ("transductive", "per_task") if kind == "conv4" else ("transductive",):
+    for normalisation in ("support", "transductive") if kind == "conv4" else ("support",):
         for steps in (1, 5):
             for first_order in (False, True):
-                net, batch = make_net(kind), make_batch(kind)
-                want = reference_meta_gradient(net, batch, steps=steps, first_order=first_order, bn_mode=bn_mode)
-                compiled = first_order is False and bn_mode == "transductive" and (kind == "conv4" or steps == 1)
+                net, batch = make_net(kind, normalisation), make_batch(kind)
+                want = reference_meta_gradient(
+                    net, batch, steps=steps, first_order=first_order, normalisation=normalisation
+                )
+                compiled = first_order is False and normalisation == "support" and (kind == "conv4" or steps == 1)
                 for execution in ("loop", "vmap", "compile") if compiled else ("loop", "vmap"):
                     got = maml_meta_gradient(
-                        net.cuda(), batch.to("cuda"), steps=steps, first_order=first_order,
-                        bn_mode=bn_mode, execution=execution,
+                        net.cuda(), batch.to("cuda"), steps=steps, first_order=first_order, execution=execution
                     )
                     error = relative_error([g.cpu() for g in got], want)
                     worst = max(worst, error)
-                    print(f"cuda {kind} {bn_mode} {execution} steps={steps} first_order={first_order}: "
+                    print(f"cuda {kind} {normalisation} {execution} steps={steps} first_order={first_order}: "
                           f"relative error {error:.2e}")
                     assert error < 1e-9, error
 print(f"all CUDA meta-gradients match the float64 CPU reference; worst relative error {worst:.2e}")

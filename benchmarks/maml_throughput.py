@@ -131,7 +131,8 @@ def implementations(device: torch.device, with_vmap: bool, with_compile: bool) -
 
 def build(name: str, device: torch.device, steps: int, first_order: bool) -> Step:
     torch.manual_seed(0)
-    net = backbones.create("conv4", in_channels=1, ways=WAYS).to(device)
+    # transductive BatchNorm: the plain loop and learn2learn normalise queries so; all rows do the same work
+    net = backbones.create("conv4", in_channels=1, ways=WAYS, normalisation="transductive").to(device)
     if name in EXECUTIONS:
         return metalib_step(net, steps, first_order, EXECUTIONS[name])
     if name == "plain loop":

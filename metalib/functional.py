@@ -8,14 +8,14 @@ meta-batch (for GPUs); all give the same meta-gradient.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Callable, Mapping
+from functools import partial
 
 import torch
 from torch import nn
 from torch.func import functional_call, grad, vmap
 
-from metalib.backbones.conv4 import BatchNorm
+from metalib.backbones import episode_forward
 from metalib.episodes import EpisodeBatch
 
 Params = dict[str, torch.Tensor]
@@ -24,7 +24,6 @@ TaskFn = Callable[
     tuple[torch.Tensor, dict[str, torch.Tensor]],
 ]
 
-BN_MODES = ("transductive", "per_task")
 EXECUTIONS = ("auto", "loop", "compile", "vmap")
 
 
@@ -51,48 +50,24 @@ def sgd_steps(
     return params
 
 
-@contextmanager
-def support_statistics(net: nn.Module, rows: int) -> Iterator[None]:
-    """While open, BatchNorm layers of `net` normalise with the statistics of the first `rows` inputs."""
-    layers = [m for m in net.modules() if isinstance(m, BatchNorm)]
-    for layer in layers:
-        layer.stats_rows = rows
-    try:
-        yield
-    finally:
-        for layer in layers:
-            layer.stats_rows = None
-
-
 def query_forward(
-    net: nn.Module, params: Params, support_x: torch.Tensor, query_x: torch.Tensor, bn_mode: str
+    net: nn.Module, params: Params, support_x: torch.Tensor, query_x: torch.Tensor
 ) -> torch.Tensor:
-    """`net` on the queries of one episode under the BatchNorm setting `bn_mode`.
-
-    transductive: the queries are normalised with their own batch statistics (as in the MAML
-    paper), so a query's output depends on the other queries. per_task: with the statistics of
-    the support set, by running support and queries together and taking statistics from the
-    support rows only.
-    """
-    if bn_mode == "transductive":
-        return functional_call(net, params, (query_x,))
-    rows = support_x.shape[0]
-    with support_statistics(net, rows):
-        return functional_call(net, params, (torch.cat([support_x, query_x]),))[rows:]
+    """`net` under `params` on the queries of one episode, normalised as its BatchNorm layers say
+    (by default with the support set's statistics; see metalib.backbones.batchnorm)."""
+    forward = partial(functional_call, net, params)
+    return episode_forward(net, support_x[None], query_x[None], forward)[1][0]
 
 
-def check_model(net: nn.Module, bn_mode: str, execution: str) -> None:
+def check_model(net: nn.Module, execution: str) -> None:
     """Refuses settings that would run but give wrong results, naming the fix."""
-    if bn_mode not in BN_MODES:
-        raise ValueError(f"bn_mode {bn_mode!r}: use one of {', '.join(BN_MODES)}")
     if execution not in EXECUTIONS:
         raise ValueError(f"execution {execution!r}: use one of {', '.join(EXECUTIONS)}")
     fused = [name for name, m in net.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    if fused and (bn_mode == "per_task" or execution in ("compile", "vmap")):
+    if fused and execution in ("compile", "vmap"):
         raise ValueError(
-            f"modules {', '.join(fused)} use torch's fused BatchNorm, which cannot take support statistics "
-            "and gives wrong second-order gradients under vmap (compile: unchecked); "
-            "use metalib.backbones.conv4.BatchNorm"
+            f"modules {', '.join(fused)} use torch's fused BatchNorm, which gives wrong second-order "
+            "gradients under vmap (compile: unchecked); use metalib.backbones.batchnorm.BatchNorm"
         )
 
 

@@ -13,20 +13,20 @@ import torch
 import torch.nn.functional as F
 from torch.func import grad, vmap
 
-from metalib import EpisodeBatch, algorithms, backbones, functional
+from metalib import EpisodeBatch, algorithms, backbones
 from metalib.backbones import Classifier
-from metalib.backbones.conv4 import under_vmap
+from metalib.backbones.batchnorm import under_vmap
 
 WAYS, SHOTS, QUERIES, TASKS = 3, 1, 2, 2
 INNER_LR = 0.3
 
 
-def make_net(kind: str) -> Classifier:
+def make_net(kind: str, normalisation: str = "support") -> Classifier:
     torch.manual_seed(0)
     if kind == "mlp":
         net = backbones.create("mlp", in_features=6, hidden=[8, 8], ways=WAYS)
     else:
-        net = backbones.create("conv4", in_channels=1, hidden=4, ways=WAYS)
+        net = backbones.create("conv4", in_channels=1, hidden=4, ways=WAYS, normalisation=normalisation)
     return net.double()
 
 
@@ -76,13 +76,14 @@ def reference_meta_gradient(
     *,
     steps: int,
     first_order: bool,
-    bn_mode: str,
+    normalisation: str = "support",
     adapted: str = "",
     lrs: list[torch.Tensor] | None = None,
 ) -> list[torch.Tensor]:
     """Meta-gradient of the parameters whose names start with `adapted` (all by default), then of `lrs`.
 
-    `lrs`, one tensor per parameter, replaces the shared INNER_LR (Meta-SGD).
+    `lrs`, one tensor per parameter, replaces the shared INNER_LR (Meta-SGD). `normalisation` says
+    whose BatchNorm statistics normalise the queries: the support set's, or ("transductive") their own.
     """
     names, params = zip(*net.named_parameters())
     inner = [i for i, name in enumerate(names) if name.startswith(adapted)]
@@ -95,7 +96,7 @@ def reference_meta_gradient(
             grads = torch.autograd.grad(loss, [fast[i] for i in inner], create_graph=not first_order)
             for i, g in zip(inner, grads):
                 fast[i] = fast[i] - rates[i] * g
-        support = sx if bn_mode == "per_task" else None
+        support = sx if normalisation == "support" else None
         total = total + F.cross_entropy(reference_forward(dict(zip(names, fast)), qx, support), qy)
     return list(torch.autograd.grad(total / batch.num_tasks, [*params, *(lrs or [])]))
 
@@ -112,11 +113,9 @@ def learner_meta_gradient(
 
 
 def maml_meta_gradient(
-    net: Classifier, batch: EpisodeBatch, *, steps: int, first_order: bool, bn_mode: str, execution: str
+    net: Classifier, batch: EpisodeBatch, *, steps: int, first_order: bool, execution: str
 ) -> list[torch.Tensor]:
-    return learner_meta_gradient(
-        net, batch, steps=steps, first_order=first_order, bn_mode=bn_mode, execution=execution
-    )
+    return learner_meta_gradient(net, batch, steps=steps, first_order=first_order, execution=execution)
 
 
 def relative_error(got: list[torch.Tensor], want: list[torch.Tensor]) -> float:
@@ -132,10 +131,8 @@ def test_meta_gradient_matches_autograd_reference(
     kind: str, first_order: bool, steps: int, execution: str
 ) -> None:
     net, batch = make_net(kind), make_batch(kind)
-    want = reference_meta_gradient(net, batch, steps=steps, first_order=first_order, bn_mode="transductive")
-    got = maml_meta_gradient(
-        net, batch, steps=steps, first_order=first_order, bn_mode="transductive", execution=execution
-    )
+    want = reference_meta_gradient(net, batch, steps=steps, first_order=first_order)
+    got = maml_meta_gradient(net, batch, steps=steps, first_order=first_order, execution=execution)
     assert relative_error(got, want) < 1e-9
 
 
@@ -150,54 +147,49 @@ def test_compiled_meta_gradient_matches_autograd_reference(kind: str, steps: int
     torch._dynamo.reset()
     graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
     net, batch = make_net(kind), make_batch(kind)
-    want = reference_meta_gradient(net, batch, steps=steps, first_order=first_order, bn_mode="transductive")
-    got = maml_meta_gradient(
-        net, batch, steps=steps, first_order=first_order, bn_mode="transductive", execution="compile"
-    )
+    want = reference_meta_gradient(net, batch, steps=steps, first_order=first_order)
+    got = maml_meta_gradient(net, batch, steps=steps, first_order=first_order, execution="compile")
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] > graphs  # it really compiled
     assert relative_error(got, want) < 1e-9
 
 
 @pytest.mark.parametrize("execution", ["loop", "compile", "vmap"])
-def test_per_task_batchnorm_meta_gradient_matches_reference(execution: str) -> None:
+def test_transductive_batchnorm_meta_gradient_matches_reference(execution: str) -> None:
+    """The opt-in: queries normalised with their own batch statistics."""
     torch._dynamo.reset()
     graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
-    net, batch = make_net("conv4"), make_batch("conv4")
-    want = reference_meta_gradient(net, batch, steps=2, first_order=False, bn_mode="per_task")
-    got = maml_meta_gradient(net, batch, steps=2, first_order=False, bn_mode="per_task", execution=execution)
+    net, batch = make_net("conv4", "transductive"), make_batch("conv4")
+    want = reference_meta_gradient(net, batch, steps=2, first_order=False, normalisation="transductive")
+    got = maml_meta_gradient(net, batch, steps=2, first_order=False, execution=execution)
     compiled = torch._dynamo.utils.counters["stats"]["unique_graphs"] > graphs
     assert compiled == (execution == "compile")
     assert relative_error(got, want) < 1e-9
-    transductive = reference_meta_gradient(net, batch, steps=2, first_order=False, bn_mode="transductive")
-    assert relative_error(transductive, want) > 1e-3  # the setting changes the model, so it must be logged
+    support = reference_meta_gradient(net, batch, steps=2, first_order=False)
+    assert relative_error(support, want) > 1e-3  # the setting changes the model, so it must be logged
 
 
 @pytest.mark.parametrize("kind", ["mlp", "conv4"])
 def test_second_order_differs_from_first_order(kind: str) -> None:
     """Fails if the second-order path silently drops the graph through the inner loop."""
     net, batch = make_net(kind), make_batch(kind)
-    second = maml_meta_gradient(
-        net, batch, steps=1, first_order=False, bn_mode="transductive", execution="loop"
-    )
-    first = maml_meta_gradient(
-        net, batch, steps=1, first_order=True, bn_mode="transductive", execution="loop"
-    )
+    second = maml_meta_gradient(net, batch, steps=1, first_order=False, execution="loop")
+    first = maml_meta_gradient(net, batch, steps=1, first_order=True, execution="loop")
     assert relative_error(first, second) > 1e-3
 
 
-@pytest.mark.parametrize("path", ["fused", "basic ops"])
-def test_conv4_batchnorm_matches_torch_batch_norm(path: str) -> None:
-    """Both of BatchNorm's paths: torch's fused kernel, and the basic ops used under vmap and compile
-    (taking statistics from all rows, which is what batch statistics are)."""
-    net = make_net("conv4")
-    x = make_batch("conv4").query_x[0]
-    want = reference_forward(dict(net.named_parameters()), x)
-    if path == "basic ops":
-        with functional.support_statistics(net, len(x)):
-            got = net(x)
-    else:
-        got = net(x)
-    assert torch.allclose(got, want, rtol=0, atol=1e-12)
+@pytest.mark.parametrize("normalisation", ["support", "transductive"])
+def test_conv4_batchnorm_normalises_each_episode_as_the_reference(normalisation: str) -> None:
+    """Both of BatchNorm's paths: torch's fused kernel on one batch, and the basic ops that normalise a
+    stack of episodes in one pass, each with its own statistics (also the path under vmap and compile)."""
+    net, batch = make_net("conv4", normalisation), make_batch("conv4")
+    params = dict(net.named_parameters())
+    assert backbones.normalisation(net) == normalisation
+    support, queries = backbones.episode_forward(net, batch.support_x, batch.query_x)
+    for sx, qx, got_support, got_queries in zip(batch.support_x, batch.query_x, support, queries):
+        want = reference_forward(params, qx, sx if normalisation == "support" else None)
+        assert torch.allclose(got_queries, want, rtol=0, atol=1e-12)
+        assert torch.allclose(got_support, reference_forward(params, sx), rtol=0, atol=1e-12)
+        assert torch.allclose(net(qx), reference_forward(params, qx), rtol=0, atol=1e-12)
 
 
 def test_batchnorm_knows_when_it_runs_under_vmap() -> None:
@@ -225,9 +217,7 @@ def test_conv4_refuses_images_too_small_for_four_poolings() -> None:
 @pytest.mark.parametrize("execution", ["loop", "vmap"])
 def test_anil_meta_gradient_adapts_the_head_only(execution: str) -> None:
     net, batch = make_net("conv4"), make_batch("conv4")
-    want = reference_meta_gradient(
-        net, batch, steps=3, first_order=False, bn_mode="transductive", adapted="head."
-    )
+    want = reference_meta_gradient(net, batch, steps=3, first_order=False, adapted="head.")
     got = learner_meta_gradient(net, batch, algorithm="anil", steps=3, execution=execution)
     assert relative_error(got, want) < 1e-9
 
@@ -236,7 +226,7 @@ def test_anil_meta_gradient_adapts_the_head_only(execution: str) -> None:
 def test_metasgd_meta_gradient_reaches_the_learned_rates(execution: str) -> None:
     net, batch = make_net("conv4"), make_batch("conv4")
     lrs = [torch.full_like(p, INNER_LR).requires_grad_() for p in net.parameters()]
-    want = reference_meta_gradient(net, batch, steps=2, first_order=False, bn_mode="transductive", lrs=lrs)
+    want = reference_meta_gradient(net, batch, steps=2, first_order=False, lrs=lrs)
     got = learner_meta_gradient(net, batch, algorithm="metasgd", steps=2, execution=execution)
     assert len(got) == 2 * len(lrs)
     assert relative_error(got, want) < 1e-9

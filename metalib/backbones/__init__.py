@@ -11,6 +11,7 @@ from typing import Any
 from torch import nn
 
 from metalib.backbones.base import Classifier
+from metalib.backbones.batchnorm import episode_forward, normalisation
 from metalib.registry import Registry
 
 REGISTRY: Registry = Registry("backbone")
@@ -38,4 +39,4 @@ def names() -> list[str]:
 
 from metalib.backbones import conv4, hf_encoder, mlp, text_bag  # noqa: E402,F401  (registers itself)
 
-__all__ = ["Classifier", "create", "names"]
+__all__ = ["Classifier", "create", "episode_forward", "names", "normalisation"]
