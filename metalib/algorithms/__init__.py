@@ -2,7 +2,8 @@
 
 Every learner has one interface: `meta_train_step(batch)` makes one update from an
 `EpisodeBatch` and returns its metrics; `adapt(support_x, support_y)` returns a
-function from query inputs to logits for that one episode.
+function from query inputs to logits for that one episode; `adapt_batch` does the same for a
+chunk of episodes at once (by default, by looping over `adapt`).
 """
 
 from __future__ import annotations

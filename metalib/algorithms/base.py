@@ -14,7 +14,8 @@ from metalib.backbones import Classifier
 from metalib.episodes import EpisodeBatch
 from metalib.registry import Registry
 
-Predictor = Callable[[torch.Tensor], torch.Tensor]
+Predictor = Callable[[torch.Tensor], torch.Tensor]  # one episode: query_x [Q, ...] -> logits [Q, ways]
+BatchPredictor = Callable[[torch.Tensor], torch.Tensor]  # T episodes: query_x [T, Q, ...] -> [T, Q, ways]
 
 
 @dataclass
@@ -25,7 +26,8 @@ class HParams:
 
 
 class Algorithm(nn.Module, ABC):
-    """A learner: meta-trains on episode batches, adapts to one support set."""
+    """A learner: meta-trains on episode batches, adapts to one support set (`adapt`) or to a chunk of
+    episodes at once (`adapt_batch`, with the same results: each episode's computation stays its own)."""
 
     HParams: ClassVar[type[HParams]] = HParams
     # True for unsupervised domain adaptation: the learner is handed unlabelled target rows
@@ -67,6 +69,29 @@ class Algorithm(nn.Module, ABC):
     @abstractmethod
     def adapt(self, support_x: torch.Tensor, support_y: torch.Tensor) -> Predictor:
         """Fit to one episode's support set; returns query_x -> logits [n, ways]."""
+
+    def adapt_batch(self, support_x: torch.Tensor, support_y: torch.Tensor) -> BatchPredictor:
+        """Fit to T episodes' support sets [T, S, ...]; returns query_x [T, Q, ...] -> logits [T, Q, ways].
+
+        This default adapts episode by episode, which is right for every learner; learners override
+        it where one pass over the chunk is faster, and must give what this loop gives.
+        """
+        predictors = [self.adapt(x, y) for x, y in zip(support_x, support_y)]
+
+        def predict(query_x: torch.Tensor) -> torch.Tensor:
+            return torch.stack([predict_one(x) for predict_one, x in zip(predictors, query_x)])
+
+        return predict
+
+
+def one_episode(
+    adapt_batch: Callable[[torch.Tensor, torch.Tensor], BatchPredictor],
+    support_x: torch.Tensor,
+    support_y: torch.Tensor,
+) -> Predictor:
+    """`adapt` for a learner whose `adapt_batch` is its one implementation: a chunk of one episode."""
+    predict = adapt_batch(support_x[None], support_y[None])
+    return lambda query_x: predict(query_x[None])[0]
 
 
 REGISTRY: Registry[type[Algorithm]] = Registry("algorithm")

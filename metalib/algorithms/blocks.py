@@ -8,13 +8,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from metalib.algorithms.base import Algorithm, Predictor
+from metalib.algorithms.base import Algorithm, BatchPredictor, Predictor, one_episode
 from metalib.algorithms.prototypes import accuracy
+from metalib.backbones import normalisation
 from metalib.episodes import EpisodeBatch
 
 
-def embed_tasks(encoder: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """Embeds [T, S, ...] inputs to [T, S, D] in one encoder pass."""
+def embed_episodes(encoder: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Rows of T episodes [T, S, ...] -> [T, S, D], each episode's rows normalised on their own, as T
+    separate passes would: in one pass unless the encoder has BatchNorm, whose statistics must not
+    mix episodes."""
+    if normalisation(encoder) != "none":
+        return torch.stack([encoder(episode) for episode in x])
     return encoder(x.flatten(0, 1)).unflatten(0, x.shape[:2])
 
 
@@ -39,11 +44,15 @@ class EpisodicLearner(Algorithm):
         return {"loss": loss.item(), "acc": accuracy(logits, batch.query_y)}
 
     def adapt(self, support_x: torch.Tensor, support_y: torch.Tensor) -> Predictor:
+        return one_episode(self.adapt_batch, support_x, support_y)
+
+    def adapt_batch(self, support_x: torch.Tensor, support_y: torch.Tensor) -> BatchPredictor:
+        """Scores a chunk of episodes in one pass (`logits` normalises each episode on its own)."""
         self.eval()
 
         def predict(query_x: torch.Tensor) -> torch.Tensor:
             with torch.no_grad():
-                return self.logits(support_x[None], support_y[None], query_x[None], self.ways)[0]
+                return self.logits(support_x, support_y, query_x, self.ways)
 
         return predict
 
@@ -55,24 +64,40 @@ def labelled_rows(batch: EpisodeBatch) -> tuple[torch.Tensor, torch.Tensor]:
     return x, torch.cat([support_y.flatten(), query_y.flatten()])
 
 
+class StackedLinear(nn.Module):
+    """One linear layer per episode, [T, S, D] -> [T, S, N]; each starts as a fresh `nn.Linear` would,
+    drawn in episode order, so a chunk starts where episode-by-episode adaptation would."""
+
+    def __init__(self, tasks: int, in_features: int, out_features: int) -> None:
+        super().__init__()
+        layers = [nn.Linear(in_features, out_features) for _ in range(tasks)]
+        self.weight = nn.Parameter(torch.stack([layer.weight.detach() for layer in layers]))
+        self.bias = nn.Parameter(torch.stack([layer.bias.detach() for layer in layers]))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.baddbmm(self.bias.unsqueeze(1), x, self.weight.transpose(1, 2))
+
+
 class CosineClassifier(nn.Module):
     """Logits are scaled cosines to one weight vector per class (Chen et al. 2019, Baseline++).
 
     Normalising both sides makes the head compare directions only, so classes cannot win by
-    weight norm, which reduces intra-class variation of the learned embedding.
+    weight norm, which reduces intra-class variation of the learned embedding. With `tasks`, it
+    holds one head per episode ([T, S, D] -> [T, S, N]), each drawn as a fresh one-episode head.
     """
 
-    def __init__(self, in_features: int, classes: int, scale: float) -> None:
+    def __init__(self, in_features: int, classes: int, scale: float, tasks: int | None = None) -> None:
         super().__init__()
-        self.weight = nn.Parameter(nn.Linear(in_features, classes, bias=False).weight.detach())
+        weights = [nn.Linear(in_features, classes, bias=False).weight.detach() for _ in range(tasks or 1)]
+        self.weight = nn.Parameter(weights[0] if tasks is None else torch.stack(weights))
         self.scale = scale
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.scale * F.normalize(x, dim=-1) @ F.normalize(self.weight, dim=-1).T
+        return self.scale * F.normalize(x, dim=-1) @ F.normalize(self.weight, dim=-1).transpose(-1, -2)
 
 
-def fit_head(
-    head: nn.Module,
+def fit_heads(
+    heads: nn.Module,
     features: torch.Tensor,
     labels: torch.Tensor,
     *,
@@ -80,10 +105,17 @@ def fit_head(
     lr: float,
     weight_decay: float,
 ) -> None:
-    """Full-batch Adam on a new head over fixed features; grad is enabled as evaluation may disable it."""
-    optimizer = torch.optim.Adam(head.parameters(), lr=lr, weight_decay=weight_decay)
+    """Full-batch Adam on new per-episode heads over fixed features [T, S, D] with labels [T, S].
+
+    The loss is the sum over episodes of each one's mean cross-entropy, so every head gets the
+    gradient it would get alone, and Adam, elementwise, moves it as it would alone. Grad is enabled
+    as evaluation may disable it.
+    """
+    optimizer = torch.optim.Adam(heads.parameters(), lr=lr, weight_decay=weight_decay)
     with torch.enable_grad():
         for _ in range(steps):
             optimizer.zero_grad(set_to_none=True)
-            F.cross_entropy(head(features), labels).backward()
+            logits = heads(features)
+            losses = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), reduction="none")
+            losses.view(labels.shape).mean(1).sum().backward()
             optimizer.step()

@@ -18,9 +18,9 @@ from torch import nn
 
 from metalib.algorithms import base
 from metalib.algorithms.base import REGISTRY
-from metalib.algorithms.blocks import EpisodicLearner, embed_tasks
+from metalib.algorithms.blocks import EpisodicLearner
 from metalib.algorithms.prototypes import class_means
-from metalib.backbones import Classifier
+from metalib.backbones import Classifier, episode_forward
 
 
 @REGISTRY.register("cnp")
@@ -41,8 +41,7 @@ class CNP(EpisodicLearner):
     def logits(
         self, support_x: torch.Tensor, support_y: torch.Tensor, query_x: torch.Tensor, ways: int
     ) -> torch.Tensor:
-        support = embed_tasks(self.net.encoder, support_x)
-        queries = embed_tasks(self.net.encoder, query_x)  # [T, Q, D]
+        support, queries = episode_forward(self.net.encoder, support_x, query_x)  # [T, S, D], [T, Q, D]
         pairs = self.pair_encoder(torch.cat([support, F.one_hot(support_y, ways).to(support)], -1))
         if self.hparams.aggregate == "mean":
             context = pairs.mean(1, keepdim=True).expand(-1, queries.shape[1], -1)  # [T, Q, H]

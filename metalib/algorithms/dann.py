@@ -67,6 +67,14 @@ class DANN(SourceOnly):
     def set_unlabelled_target(self, x: torch.Tensor) -> None:
         self.target_x = x
 
+    def get_extra_state(self) -> torch.Tensor:
+        """The warm-up's position, in the state dict (as a tensor, like every other entry) so that a
+        training resumed from it goes on alike."""
+        return torch.tensor(self.steps_taken)
+
+    def set_extra_state(self, state: torch.Tensor) -> None:
+        self.steps_taken = int(state)
+
     def reversal_weight(self) -> float:
         """Ganin et al.'s schedule: near zero while the discriminator is still random, then domain_weight."""
         progress = min(1.0, self.steps_taken / max(1, self.hparams.warmup_steps))

@@ -8,9 +8,10 @@ import torch
 from torch import nn
 
 from metalib.algorithms import base
-from metalib.algorithms.base import REGISTRY, Predictor
-from metalib.algorithms.blocks import fit_head
+from metalib.algorithms.base import REGISTRY, BatchPredictor
+from metalib.algorithms.blocks import StackedLinear, embed_episodes, fit_heads
 from metalib.algorithms.source_only import SourceOnly
+from metalib.backbones import episode_forward
 
 
 @REGISTRY.register("finetune")
@@ -21,15 +22,20 @@ class FineTune(SourceOnly):
         adapt_lr: float = 0.01
         adapt_weight_decay: float = 0.001
 
-    def adapt(self, support_x: torch.Tensor, support_y: torch.Tensor) -> Predictor:
-        """Fits a fresh linear head on frozen support embeddings; the encoder is not changed."""
+    def new_heads(self, tasks: int) -> nn.Module:
+        """Fresh heads, one per episode: [T, S, embed_dim] -> [T, S, ways]."""
+        return StackedLinear(tasks, self.net.embed_dim, self.ways)
+
+    def adapt_batch(self, support_x: torch.Tensor, support_y: torch.Tensor) -> BatchPredictor:
+        """Fits a fresh head per episode on frozen support embeddings, all episodes in one optimisation;
+        the encoder is not changed."""
         self.eval()
         with torch.no_grad():
-            features = self.net.encoder(support_x)
-        head = nn.Linear(self.net.embed_dim, self.ways).to(features.device)
+            features = embed_episodes(self.net.encoder, support_x)
+        heads = self.new_heads(len(support_x)).to(features)
         hparams = self.hparams
-        fit_head(
-            head,
+        fit_heads(
+            heads,
             features,
             support_y,
             steps=hparams.adapt_steps,
@@ -39,6 +45,6 @@ class FineTune(SourceOnly):
 
         def predict(query_x: torch.Tensor) -> torch.Tensor:
             with torch.no_grad():
-                return head(self.net.encoder(query_x))
+                return heads(episode_forward(self.net.encoder, support_x, query_x)[1])
 
         return predict

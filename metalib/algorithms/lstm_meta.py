@@ -23,8 +23,8 @@ from torch import nn
 
 from metalib.algorithms import base
 from metalib.algorithms.base import REGISTRY
-from metalib.algorithms.blocks import EpisodicLearner, embed_tasks
-from metalib.backbones import Classifier
+from metalib.algorithms.blocks import EpisodicLearner
+from metalib.backbones import Classifier, episode_forward
 
 
 @REGISTRY.register("lstm_meta")
@@ -82,8 +82,8 @@ class LSTMMeta(EpisodicLearner):
     ) -> torch.Tensor:
         """Query logits [T, Q, ways] under the head the meta-learner wrote from the support set
         (a `self.ways`-way head, so `ways` must equal it)."""
-        params = self.unroll(embed_tasks(self.net.encoder, support_x), support_y)
-        return self.head_logits(embed_tasks(self.net.encoder, query_x), params)
+        support, queries = episode_forward(self.net.encoder, support_x, query_x)
+        return self.head_logits(queries, self.unroll(support, support_y))
 
 
 def gate(features: int, initial: float) -> nn.Sequential:

@@ -11,11 +11,11 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from torch.func import functional_call
+from torch.func import functional_call, vmap
 
 from metalib import functional
 from metalib.algorithms import base
-from metalib.algorithms.base import REGISTRY, Algorithm, Predictor
+from metalib.algorithms.base import REGISTRY, Algorithm, BatchPredictor, Predictor
 from metalib.backbones import Classifier
 from metalib.episodes import EpisodeBatch
 from metalib.functional import Params
@@ -30,7 +30,6 @@ class InnerLoopHParams(base.HParams):
     inner_lr: float = 0.4
     inner_steps: int = 1  # during meta-training
     inner_steps_eval: int = 10  # when adapting to a new episode
-    bn_mode: str = "transductive"  # BatchNorm statistics: of the query batch, or "per_task": of the support
     # "loop" over tasks, "compile": that loop under torch.compile (20-90 s per shape, then faster on CPU),
     # "vmap" over tasks, "auto": vmap on accelerators, loop on CPU
     execution: str = "auto"
@@ -45,7 +44,7 @@ class MAML(Algorithm):
 
     def __init__(self, net: Classifier, *, ways: int, num_classes: int, hparams: InnerLoopHParams) -> None:
         super().__init__(net, ways=ways, num_classes=num_classes, hparams=hparams)
-        functional.check_model(net, hparams.bn_mode, hparams.execution)
+        functional.check_model(net, hparams.execution)
 
     @property
     def optimizer(self) -> torch.optim.Optimizer:
@@ -84,7 +83,7 @@ class MAML(Algorithm):
         )
 
     def query_logits(self, params: Params, support_x: torch.Tensor, query_x: torch.Tensor) -> torch.Tensor:
-        return functional.query_forward(self.net, params, support_x, query_x, self.hparams.bn_mode)
+        return functional.query_forward(self.net, params, support_x, query_x)
 
     def task_objective(
         self,
@@ -121,5 +120,22 @@ class MAML(Algorithm):
         def predict(query_x: torch.Tensor) -> torch.Tensor:
             with torch.no_grad():
                 return self.query_logits(fast, support_x, query_x)
+
+        return predict
+
+    def adapt_batch(self, support_x: torch.Tensor, support_y: torch.Tensor) -> BatchPredictor:
+        """`adapt`'s inner loop vmapped over the chunk's episodes, each with its own fast weights."""
+        self.eval()
+        params = {name: p.detach() for name, p in self.params().items()}
+
+        def adapt_one(x: torch.Tensor, y: torch.Tensor) -> Params:
+            return self.inner_loop(params, x, y, steps=self.hparams.inner_steps_eval, first_order=True)
+
+        with torch.no_grad():
+            fast = vmap(adapt_one)(support_x, support_y)
+
+        def predict(query_x: torch.Tensor) -> torch.Tensor:
+            with torch.no_grad():
+                return vmap(self.query_logits)(fast, support_x, query_x)
 
         return predict

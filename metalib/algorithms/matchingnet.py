@@ -16,9 +16,9 @@ from torch import nn
 
 from metalib.algorithms import base
 from metalib.algorithms.base import REGISTRY
-from metalib.algorithms.blocks import EpisodicLearner, embed_tasks
+from metalib.algorithms.blocks import EpisodicLearner
 from metalib.algorithms.prototypes import distance_logits
-from metalib.backbones import Classifier
+from metalib.backbones import Classifier, episode_forward
 
 
 @REGISTRY.register("matchingnet")
@@ -41,8 +41,7 @@ class MatchingNet(EpisodicLearner):
         self, support_x: torch.Tensor, support_y: torch.Tensor, query_x: torch.Tensor, ways: int
     ) -> torch.Tensor:
         """Log-probabilities [T, Q, ways]: per class, the log of the attention on its support examples."""
-        support = embed_tasks(self.net.encoder, support_x)
-        queries = embed_tasks(self.net.encoder, query_x)
+        support, queries = episode_forward(self.net.encoder, support_x, query_x)
         if self.hparams.fce:
             support = self.contextual_support(support)
             queries = self.contextual_queries(queries, support)

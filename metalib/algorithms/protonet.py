@@ -8,8 +8,9 @@ import torch
 
 from metalib.algorithms import base
 from metalib.algorithms.base import REGISTRY
-from metalib.algorithms.blocks import EpisodicLearner, embed_tasks
+from metalib.algorithms.blocks import EpisodicLearner
 from metalib.algorithms.prototypes import class_means, distance_logits
+from metalib.backbones import episode_forward
 
 
 @REGISTRY.register("protonet")
@@ -28,6 +29,5 @@ class ProtoNet(EpisodicLearner):
         self, support_x: torch.Tensor, support_y: torch.Tensor, query_x: torch.Tensor, ways: int
     ) -> torch.Tensor:
         """Query logits [T, Q, N]: negative distances to the support set's class means."""
-        encoder = self.net.encoder
-        prototypes = class_means(embed_tasks(encoder, support_x), support_y, ways)
-        return distance_logits(embed_tasks(encoder, query_x), prototypes, self.hparams.distance)
+        support, queries = episode_forward(self.net.encoder, support_x, query_x)
+        return distance_logits(queries, class_means(support, support_y, ways), self.hparams.distance)

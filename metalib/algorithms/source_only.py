@@ -10,10 +10,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from metalib.algorithms.base import REGISTRY, Algorithm, HParams, Predictor
-from metalib.algorithms.blocks import labelled_rows
+from metalib.algorithms.base import REGISTRY, Algorithm, BatchPredictor, HParams, Predictor, one_episode
+from metalib.algorithms.blocks import embed_episodes, labelled_rows
 from metalib.algorithms.prototypes import class_means, distance_logits
-from metalib.backbones import Classifier
+from metalib.backbones import Classifier, episode_forward
 from metalib.episodes import EpisodeBatch
 
 
@@ -34,13 +34,17 @@ class SourceOnly(Algorithm):
         self.step(loss)
         return {"loss": loss.item(), "acc": (logits.argmax(-1) == y).float().mean().item()}
 
-    @torch.no_grad()
     def adapt(self, support_x: torch.Tensor, support_y: torch.Tensor) -> Predictor:
+        return one_episode(self.adapt_batch, support_x, support_y)
+
+    @torch.no_grad()
+    def adapt_batch(self, support_x: torch.Tensor, support_y: torch.Tensor) -> BatchPredictor:
+        """Class means of each episode's support embeddings; queries scored by distance to them."""
         self.eval()
-        prototypes = class_means(self.net.encoder(support_x)[None], support_y[None], self.ways)
+        prototypes = class_means(embed_episodes(self.net.encoder, support_x), support_y, self.ways)
 
         def predict(query_x: torch.Tensor) -> torch.Tensor:
             with torch.no_grad():
-                return distance_logits(self.net.encoder(query_x)[None], prototypes)[0]
+                return distance_logits(episode_forward(self.net.encoder, support_x, query_x)[1], prototypes)
 
         return predict
