@@ -5,7 +5,8 @@ Knows nothing of Prefect or MLflow, so it can be tested and reused alone.
 
 from metalib import algorithms, backbones
 from metalib.episodes import EpisodeBatch, EpisodeSampler, episode_shape_problems, split_per_class
-from metalib.evaluation import evaluate, mean_ci95, paired_t_test
+from metalib.evaluation import evaluate
+from metalib.statistics import mean_ci95
 from metalib.training import TrainingHistory, meta_train
 
 __all__ = [
@@ -17,7 +18,6 @@ __all__ = [
     "episode_shape_problems",
     "evaluate",
     "mean_ci95",
-    "paired_t_test",
     "meta_train",
     "split_per_class",
 ]

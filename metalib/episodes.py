@@ -6,6 +6,7 @@ path is written once. Support and query sets of an episode never share an exampl
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 
 import torch
@@ -51,7 +52,9 @@ class EpisodeSampler:
     """Draws episodes from one pool of examples (x, y) with its own random generator.
 
     The same seed gives the same sequence of episodes. Raises ValueError, naming the
-    classes at fault, when the pool cannot supply the requested episode shape.
+    classes at fault, when the pool cannot supply the requested episode shape. `digest()`
+    fingerprints every episode drawn so far (the pool rows of each support and query set), so
+    two evaluations can prove they met the same episodes before they are paired.
     """
 
     def __init__(
@@ -63,6 +66,7 @@ class EpisodeSampler:
         labels = torch.unique(y)
         self.labels = labels
         self.by_class = [torch.nonzero(y == label).flatten() for label in labels]
+        self._digest = hashlib.sha256(f"{ways}-way {shots}-shot {queries}-query".encode())
         problems = episode_shape_problems(y, ways, shots, queries)
         if problems:
             raise ValueError("; ".join(problems))
@@ -81,6 +85,7 @@ class EpisodeSampler:
         local = torch.arange(self.ways).view(1, self.ways, 1)
         support_index = index[:, :, : self.shots].reshape(num_tasks, -1)
         query_index = index[:, :, self.shots :].reshape(num_tasks, -1)
+        self._digest.update(torch.cat([support_index, query_index], 1).to(torch.int64).numpy().tobytes())
         return EpisodeBatch(
             support_x=self.x[support_index],
             support_y=local.expand(num_tasks, -1, self.shots).reshape(num_tasks, -1),
@@ -88,6 +93,10 @@ class EpisodeSampler:
             query_y=local.expand(num_tasks, -1, self.queries).reshape(num_tasks, -1),
             classes=torch.stack(classes),
         )
+
+    def digest(self) -> str:
+        """A hex digest of the rows of every episode sampled so far, in order."""
+        return self._digest.hexdigest()
 
 
 def episode_shape_problems(

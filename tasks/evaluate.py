@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import time
 from dataclasses import dataclass
 
@@ -17,12 +18,17 @@ from tasks.train import LearnerSetup, TrainedModel
 
 @dataclass(frozen=True)
 class Evaluation:
-    """Per-episode accuracies on one target domain at one shot count, and their summary."""
+    """Per-episode accuracies on one target domain at one shot count, and their summary.
+
+    `episodes_digest` fingerprints the target rows (by content) of every support and query set, so a
+    paired comparison can check that two evaluations met the same episodes instead of assuming it.
+    """
 
     accuracies: torch.Tensor
     acc: float
     acc_ci95: float
     seconds: float
+    episodes_digest: str
 
 
 @task(name="evaluate", cache_policy=stable_inputs(), persist_result=True)
@@ -47,4 +53,7 @@ def evaluate_model(
     started = time.perf_counter()
     accuracies = evaluate(learner, sampler, episodes, device=resolved)
     acc, ci95 = mean_ci95(accuracies)
-    return Evaluation(accuracies, acc, ci95, time.perf_counter() - started)
+    digest = hashlib.sha256(target.x.contiguous().cpu().numpy().tobytes())
+    digest.update(target.y.cpu().numpy().tobytes())
+    digest.update(sampler.digest().encode())
+    return Evaluation(accuracies, acc, ci95, time.perf_counter() - started, digest.hexdigest())

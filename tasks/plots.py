@@ -8,6 +8,8 @@ import matplotlib
 import numpy as np
 import pandas as pd
 
+from metalib.statistics import Friedman
+
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
@@ -80,6 +82,42 @@ def accuracy_heatmap(summary: pd.DataFrame, path: Path) -> Path:
             axis.text(j, i, f"{value:.1f}", ha="center", va="center", color="white", fontsize=8)
         axis.set_title(f"{k}-shot accuracy (%)")
         figure.colorbar(image, ax=axis, fraction=0.046)
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+    return path
+
+
+def critical_difference(friedman: Friedman, path: Path) -> Path:
+    """Demsar's critical-difference diagram: mean ranks on one axis (1 = best, at the left), and a bar
+    joining algorithms whose mean ranks differ by less than the Nemenyi critical difference."""
+    names = sorted(friedman.mean_ranks, key=friedman.mean_ranks.get)
+    ranks = [friedman.mean_ranks[name] for name in names]
+    k = len(names)
+    half = (k + 1) // 2
+    figure, axis = plt.subplots(figsize=(7, 1.2 + 0.3 * half))
+    axis.set_xlim(0.5, k + 0.5)
+    axis.set_ylim(-(half + 1.5), 2)
+    axis.axhline(0, color="black", linewidth=1)
+    for tick in range(1, k + 1):
+        axis.plot([tick, tick], [0, 0.15], color="black", linewidth=1)
+        axis.text(tick, 0.3, str(tick), ha="center", fontsize=8)
+    cd = friedman.critical_difference
+    axis.plot([1, 1 + cd], [1.3, 1.3], color="black", linewidth=2)
+    axis.text(1 + cd / 2, 1.45, f"CD = {cd:.2f}", ha="center", fontsize=8)
+    for i, (name, rank) in enumerate(zip(names, ranks)):
+        left = i < half
+        level = -(i + 1) if left else -(k - i)
+        end = 0.5 if left else k + 0.5
+        axis.plot([rank, rank, end], [0, level, level], color="grey", linewidth=1)
+        axis.text(end, level + 0.1, f"{name} ({rank:.2f})", ha="left" if left else "right", fontsize=8)
+    groups = [(ranks[i], ranks[j]) for i in range(k) for j in range(i + 1, k) if ranks[j] - ranks[i] < cd]
+    maximal = [g for g in groups if not any(o != g and o[0] <= g[0] and g[1] <= o[1] for o in groups)]
+    for level, (low, high) in enumerate(dict.fromkeys(maximal)):
+        y = -0.35 - 0.25 * level
+        axis.plot([low - 0.05, high + 0.05], [y, y], color="black", linewidth=3)
+    axis.set_title(f"mean rank over {friedman.cells} cells (Friedman p = {friedman.p_value:.3g})", fontsize=9)
+    axis.axis("off")
     figure.tight_layout()
     figure.savefig(path, dpi=100)
     plt.close(figure)

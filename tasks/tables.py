@@ -27,13 +27,15 @@ def accuracy_table(
     *,
     average_targets: bool = False,
     mark_best: str | None = None,
+    plus_minus: str = "±",
 ) -> pd.DataFrame:
     """`summary` (with `acc` and `ci95` per group of `by`) as a wide table of text cells.
 
     Rows keep their order of first appearance; columns are sorted. With `average_targets`
     and "target" among the column keys, "avg" columns give the mean accuracy over targets,
     for rows that have every target only (else "–": a mean over fewer targets is not comparable).
-    `mark_best` ("markdown" or "latex") sets the best cell of each column in bold.
+    `mark_best` ("markdown" or "latex") sets the best cell of each column in bold; `plus_minus` is the
+    sign between accuracy and interval ("$\\pm$" for LaTeX).
     """
     summary = summary.copy()
     rows_key, column_keys = by[0], by[1:]
@@ -59,7 +61,7 @@ def accuracy_table(
             if pd.isna(value):
                 cells.at[row, column] = "–"
                 continue
-            text = f"{100 * value:.1f}" + ("" if pd.isna(interval) else f" ± {100 * interval:.1f}")
+            text = f"{100 * value:.1f}" + ("" if pd.isna(interval) else f" {plus_minus} {100 * interval:.1f}")
             if mark_best and value == best:
                 text = f"\\textbf{{{text}}}" if mark_best == "latex" else f"**{text}**"
             cells.at[row, column] = text

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -14,7 +15,6 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-from mlflow.entities import Run
 from mlflow.tracking import MlflowClient
 from prefect.artifacts import Artifact
 from scipy import stats
@@ -37,7 +37,7 @@ ALGORITHMS = "algorithms=[{name: protonet}, {name: source_only}, {name: finetune
 def experiment(prefect_server: None, tmp_path_factory: pytest.TempPathFactory) -> Experiment:
     folder = tmp_path_factory.mktemp("compare")
     uri = f"sqlite:///{folder / 'mlflow.db'}"
-    args = [*TINY, "--set", ALGORITHMS, "--set", "seeds=[0, 1]", "--set", "name=compare-test"]
+    args = [*TINY, "--set", ALGORITHMS, "--set", "seeds=[0, 1, 2]", "--set", "name=compare-test"]
     assert main(["run", str(DEMO), *args, "--tracking-uri", uri]) == 0
     return MlflowClient(tracking_uri=uri), folder
 
@@ -62,41 +62,75 @@ def test_table_and_confidence_intervals_match_the_runs(experiment: Experiment, t
             if (r.data.tags["algorithm"], r.data.tags["target_domain"], int(r.data.tags["shots"]))
             == (row.algorithm, row.target, row.shots)
         ]  # fmt: skip
-        assert len(members) == 2  # two seeds
-        episodes = [a for r in members for a in episode_accuracies(client, r.info.run_id, tmp_path)]
-        assert row.acc == pytest.approx(sum(episodes) / len(episodes))
-        mean = sum(episodes) / len(episodes)
-        std = math.sqrt(sum((a - mean) ** 2 for a in episodes) / (len(episodes) - 1))
-        assert row.ci95 == pytest.approx(1.96 * std / math.sqrt(len(episodes)))
-        assert row.acc == pytest.approx(sum(r.data.metrics["acc"] for r in members) / 2)
+        assert len(members) == 3  # three seeds, the replicates
+        per_seed = [episode_accuracies(client, r.info.run_id, tmp_path) for r in members]
+        means = [sum(episodes) / len(episodes) for episodes in per_seed]
+        assert row.acc == pytest.approx(sum(means) / 3)
+        assert row.acc == pytest.approx(sum(r.data.metrics["acc"] for r in members) / 3)
+        low, high = stats.t.interval(0.95, 2, loc=row.acc, scale=stats.sem(means))
+        assert row.ci95 == pytest.approx((high - low) / 2)  # seed-aware: t over the 3 seed means
+        assert row.ci_method.startswith("t interval over per-seed means")
+        assert row.episode_ci95 == pytest.approx(
+            sum(stats.norm.ppf(0.975) * stats.tstd(x) / math.sqrt(len(x)) for x in per_seed) / 3
+        )  # the per-model interval papers report, averaged over the seeds
 
 
 def test_paired_test_against_the_baseline_matches_a_hand_computation(
     experiment: Experiment, tmp_path: Path
 ) -> None:
     client, _ = experiment
-    paired = compare(client, "compare-test", baseline="finetune").paired.set_index("algorithm")
+    comparison = compare(client, "compare-test", baseline="finetune")
+    paired = comparison.paired.set_index("algorithm")
     assert set(paired.index) == {"protonet", "source_only"}
     runs = client.search_runs(
         [client.get_experiment_by_name("compare-test").experiment_id], "tags.kind = 'evaluation'"
     )
-
-    def key(run: Run) -> tuple[str, str, str]:
-        tags = run.data.tags
-        return tags["target_domain"], tags["shots"], tags["seed"]
-
     by_algorithm: dict[str, dict] = {}
     for run in runs:
-        by_algorithm.setdefault(run.data.tags["algorithm"], {})[key(run)] = run.info.run_id
-    cells = sorted(by_algorithm["finetune"])
-    a = [x for cell in cells for x in episode_accuracies(client, by_algorithm["protonet"][cell], tmp_path)]
-    b = [x for cell in cells for x in episode_accuracies(client, by_algorithm["finetune"][cell], tmp_path)]
-    expected = stats.ttest_rel(a, b)
-    assert paired.at["protonet", "p_value"] == pytest.approx(expected.pvalue, rel=1e-9)
-    assert paired.at["protonet", "difference"] == pytest.approx(sum(a) / len(a) - sum(b) / len(b))
-    assert paired.at["protonet", "episodes"] == len(a) == 2 * 2 * 2 * 20
+        tags = run.data.tags
+        cell = (tags["target_domain"], int(tags["shots"]))
+        accuracies = episode_accuracies(client, run.info.run_id, tmp_path)
+        by_algorithm.setdefault(tags["algorithm"], {})[(cell, int(tags["seed"]))] = accuracies
+    mine, base = by_algorithm["protonet"], by_algorithm["finetune"]
+    cells = sorted({cell for cell, _ in base})
+
+    def difference(cell: tuple, seed: int) -> float:
+        return sum(a - b for a, b in zip(mine[(cell, seed)], base[(cell, seed)])) / len(base[(cell, seed)])
+
+    # seeds are the replicates: one cell-averaged difference per seed, a t test across the 3 seeds
+    per_seed = [sum(difference(cell, seed) for cell in cells) / len(cells) for seed in (0, 1, 2)]
+    assert paired.at["protonet", "difference"] == pytest.approx(sum(per_seed) / 3)
+    assert paired.at["protonet", "p_value"] == pytest.approx(stats.ttest_1samp(per_seed, 0).pvalue)
+    assert paired.at["protonet", "seeds"] == 3 and paired.at["protonet", "cells"] == 4
+    every_cell = [difference(cell, seed) for cell in cells for seed in (0, 1, 2)]
+    assert paired.at["protonet", "wilcoxon_p"] == pytest.approx(stats.wilcoxon(every_cell).pvalue)
+    # Holm over every p-value of the table: 2 algorithms x (4 cells + overall + Wilcoxon)
+    cells_table = comparison.paired_cells
+    family = [*cells_table.p_value, *comparison.paired.p_value, *comparison.paired.wilcoxon_p]
+    assert len(family) == 12
+    smallest = min(family)
+    assert (
+        min([*cells_table.p_value_holm, *comparison.paired.p_value_holm]) >= min(1.0, 12 * smallest) - 1e-12
+    )
     wins, ties, losses = map(int, paired.at["protonet", "win_tie_loss"].split("/"))
     assert wins + ties + losses == 4  # one verdict per target x shots cell
+    protonet_cells = cells_table[cells_table.algorithm == "protonet"]
+    significant = protonet_cells[protonet_cells.p_value_holm < 0.05]
+    assert wins == (significant.difference > 0).sum() and losses == (significant.difference < 0).sum()
+
+
+def test_too_few_seeds_to_test(experiment: Experiment) -> None:
+    client, _ = experiment
+    comparison = compare(client, "compare-test", baseline="finetune")
+    two_seeds = comparison.runs[comparison.runs.seed < 2]
+    from tasks.compare import paired_tests
+
+    paired, cells = paired_tests(two_seeds, "finetune")
+    assert paired.p_value.isna().all() and cells.p_value.isna().all()
+    assert set(paired.win_tie_loss) == {"too few seeds"}
+    assert "too few seeds to test" in render(
+        dataclasses.replace(comparison, paired=paired, paired_cells=cells), "table"
+    )
 
 
 def test_formats_mark_the_best_and_average_over_targets(experiment: Experiment) -> None:
@@ -105,18 +139,24 @@ def test_formats_mark_the_best_and_average_over_targets(experiment: Experiment) 
     markdown = render(comparison, "markdown")
     header = markdown.splitlines()[0]
     rows = [line.split("|")[1].strip() for line in markdown.splitlines()[2:5]]
-    assert rows == ["finetune", "protonet", "source_only"]  # alphabetical, whatever the run order
+    assert rows == ["protonet", "source_only", "finetune"]  # the spec's order
     assert "avg 1-shot" in header and "avg 5-shot" in header and "dslr 5-shot" in header
     for shots in (1, 5):
         cells = comparison.summary[comparison.summary.shots == shots]
         best = cells.loc[cells.groupby("target").acc.idxmax()]
         for _, row in best.iterrows():
             assert f"**{100 * row.acc:.1f} ± {100 * row.ci95:.1f}**" in markdown
-    assert "\\textbf{" in render(comparison, "latex")
-    csv_text = render(comparison, "csv")
-    assert csv_text.splitlines()[0].startswith("algorithm,target,shots,acc,ci95")
+    latex = render(comparison, "latex")
+    assert "\\textbf{" in latex and "$\\pm$" in latex and "$\\Delta$" in latex
+    assert "±" not in latex and "Δ" not in latex  # pdflatex cannot read them raw
+    csv_text = render(comparison, "csv")  # one tidy table
+    assert csv_text.splitlines()[0].startswith("algorithm,target,shots,acc,ci95,ci_method,episode_ci95")
+    assert len(csv_text.strip().splitlines()) == 1 + 3 * 2 * 2
     by_shots = compare(client, "compare-test", by=["algorithm", "shots"]).summary
-    assert len(by_shots) == 3 * 2 and set(by_shots.runs) == {4}  # pooled over 2 targets x 2 seeds
+    assert len(by_shots) == 3 * 2 and set(by_shots.runs) == {6}  # 2 targets x 3 seeds
+    per_seed = compare(client, "compare-test", by=["algorithm", "target", "shots", "seed"])
+    assert len(per_seed.summary) == 3 * 2 * 2 * 3 and set(per_seed.summary.runs) == {1}
+    assert "seed=2" in render(per_seed, "table")
 
 
 def test_cli_writes_table_and_plots_and_logs_them(
@@ -131,7 +171,8 @@ def test_cli_writes_table_and_plots_and_logs_them(
     )
     printed = capsys.readouterr().out
     assert "vs baseline finetune" in printed and "| protonet |" in printed
-    for name in ("comparison.md", "accuracy_vs_shots.png", "accuracy_heatmap.png"):
+    for name in ("comparison.md", "comparison_paired.csv", "comparison_ranks.csv", "accuracy_vs_shots.png",
+                 "accuracy_heatmap.png", "critical_difference.png"):  # fmt: skip
         assert (out / name).stat().st_size > 0
     assert (out / "accuracy_heatmap.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     experiment_id = client.get_experiment_by_name("compare-test").experiment_id
@@ -163,6 +204,30 @@ def test_refuses_to_mix_protocols(prefect_server: None, tmp_path: Path) -> None:
     assert "2: " in message and "3: " in message and "seed1" in message and "seed0" in message
     latest = compare(MlflowClient(tracking_uri=uri), "mixed", study="latest").runs
     assert set(latest.seed) == {1} and set(latest.algorithm) == {"protonet", "finetune"}
+
+
+def test_refuses_runs_that_differ_only_in_the_split_or_in_their_episodes(
+    prefect_server: None, tmp_path: Path
+) -> None:
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    common = [*TINY, "--set", "algorithms=[{name: protonet}, {name: source_only}]",
+              "--set", "name=split", "--tracking-uri", uri]  # fmt: skip
+    # seed 0 from one split of the source domains, seed 1 from another: the cells would mix them
+    assert main(["run", str(DEMO), *common, "--set", "seeds=[0]"]) == 0
+    assert main(["run", str(DEMO), *common, "--set", "seeds=[1]", "--set", "data.split_seed=1"]) == 0
+    client = MlflowClient(tracking_uri=uri)
+    with pytest.raises(StudyError, match="different protocols") as error:
+        compare(client, "split", baseline="source_only")
+    assert "data.split_seed differs" in str(error.value)
+    assert str(error.value).count("differs") == 1  # nothing else tells the two runs apart
+    latest = compare(client, "split", baseline="source_only", study="latest")
+    assert set(latest.paired.algorithm) == {"protonet"}
+    # a run whose recorded episodes are not the baseline's is never paired with it
+    run = latest.runs[(latest.runs.algorithm == "protonet")].iloc[0]
+    client.set_tag(run.run_id, "episodes_digest", "0" * 64)
+    with pytest.raises(StudyError, match="did not meet the same evaluation episodes") as error:
+        compare(client, "split", baseline="source_only", study="latest")
+    assert run.run_name in str(error.value)
 
 
 def free_port() -> int:

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from scipy import stats
 
 from adaptflow.spec import load_spec
 from metalib import EpisodeSampler, episode_shape_problems, mean_ci95, split_per_class
@@ -48,6 +49,19 @@ def test_same_seed_same_episodes_other_seed_other_episodes() -> None:
     assert not torch.equal(first.support_x, other.support_x)
 
 
+def test_digest_proves_the_same_episodes() -> None:
+    x, y = pool()
+    samplers = [EpisodeSampler(x, y, 3, 1, 2, seed=seed) for seed in (5, 5, 6)]
+    for sampler in samplers:
+        sampler.sample(4)
+        sampler.sample(6)
+    same, again, other = (sampler.digest() for sampler in samplers)
+    assert same == again and same != other
+    fewer = EpisodeSampler(x, y, 3, 1, 2, seed=5)
+    fewer.sample(4)
+    assert fewer.digest() != same  # a digest covers every episode drawn, not just the first ones
+
+
 def test_shape_problems_name_classes_and_counts() -> None:
     y = torch.tensor([0] * 5 + [1] * 2 + [2] * 9)
     problems = episode_shape_problems(y, ways=4, shots=2, queries=2, class_names=["cat", "dog", "emu"])
@@ -72,7 +86,7 @@ def test_mean_ci95_matches_hand_computation() -> None:
     mean, ci = mean_ci95(accuracies)
     sample_std = math.sqrt(sum((a - 0.55) ** 2 for a in [0.2, 0.4, 0.6, 1.0]) / 3)
     assert mean == pytest.approx(0.55)
-    assert ci == pytest.approx(1.96 * sample_std / 2)
+    assert ci == pytest.approx(stats.norm.ppf(0.975) * sample_std / 2)
 
 
 def test_training_episodes_use_train_ways_and_validation_the_evaluation_ways(tmp_path: Path) -> None:

@@ -1,0 +1,54 @@
+"""One summary of evaluated runs, shared by the run's report and `adaptflow compare`.
+
+Each run is one trained model (a seed) with its own evaluation episodes; the summary treats runs as
+the replicates and episodes as nested in them (metalib.statistics).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+from metalib.statistics import ONE_SEED_METHOD, episode_half_width, seed_interval
+
+KEYS = ["algorithm", "target", "shots"]
+
+
+def summarise(runs: pd.DataFrame, by: list[str] | None = None) -> pd.DataFrame:
+    """Accuracy per group of runs (default algorithm x target x shots).
+
+    `runs` has one row per evaluation (one trained model) with its per-episode `accuracies`. Each
+    group gets the mean of its runs' means (`acc`), the seed-aware 95% interval (`ci95`, method in
+    `ci_method`), the conventional per-model episode interval as papers report it, averaged over
+    the runs (`episode_ci95`), the spread of the run means (`seed_std`) and the counts.
+    """
+    by = by or KEYS
+    rows = []
+    for key, members in runs.groupby(by, sort=False):
+        per_seed = [np.asarray(accuracies, dtype=np.float64) for accuracies in members.accuracies]
+        interval = seed_interval(per_seed)
+        means = np.array([episodes.mean() for episodes in per_seed])
+        rows.append(
+            {
+                **dict(zip(by, key if isinstance(key, tuple) else (key,))),
+                "acc": interval.mean,
+                "ci95": interval.half_width,
+                "ci_method": interval.method,
+                "episode_ci95": sum(episode_half_width(episodes) for episodes in per_seed) / len(per_seed),
+                "seed_std": float(means.std(ddof=1)) if len(means) > 1 else 0.0,
+                "runs": len(members),
+                "episodes": sum(len(episodes) for episodes in per_seed),
+            }
+        )
+    return pd.DataFrame(rows)
+
+
+def interval_caption(summary: pd.DataFrame) -> str:
+    """Says which interval the table's ± shows, and warns when it covers evaluation noise only."""
+    methods = sorted(set(summary.ci_method))
+    text = "accuracy % ± 95% CI, " + "; ".join(methods)
+    if ONE_SEED_METHOD in methods:
+        text += (
+            ". With one seed the interval leaves out training variation: run more seeds to compare algorithms"
+        )
+    return text
