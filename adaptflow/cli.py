@@ -10,7 +10,8 @@ from pathlib import Path
 
 from adaptflow import settings
 from adaptflow.errors import StudyError
-from adaptflow.spec import load_spec
+from adaptflow.redact import has_secret, redact
+from adaptflow.spec import StudySpec, load_spec
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -40,10 +41,12 @@ def main(argv: list[str] | None = None) -> int:
             )
     compare = commands.add_parser(
         "compare",
-        help="compare an experiment's runs: accuracy ± 95%% CI, paired tests against a baseline, plots",
+        help="compare an experiment's runs: seed-aware 95%% CIs, corrected paired tests, ranks, plots",
         description="Reads the experiment's child runs from MLflow (the latest per algorithm, source, "
-        "target, shots and seed), prints the comparison, and writes it with two plots to --out "
-        "(also logged to the latest study run).",
+        "target, shots and seed) and prints accuracy with seed-aware 95% intervals (seeds are the "
+        "replicates), paired tests against a baseline with Holm-Bonferroni correction, and average ranks "
+        "with Friedman's test; writes them with plots to --out (also logged to the latest study run). "
+        "docs/statistics.md explains the methods.",
     )
     compare.add_argument("experiment", help="MLflow experiment name (the spec's `name`)")
     compare.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default as for run)")
@@ -51,12 +54,17 @@ def main(argv: list[str] | None = None) -> int:
         "--format",
         default="table",
         choices=["table", "markdown", "csv", "latex"],
-        help="output format of the table and the paired tests (default: table)",
+        help="output format of the tables (default: table); csv prints the tidy summary only",
     )
     compare.add_argument(
         "--by",
         default="algorithm,target_domain,shots",
         help="grouping: algorithm first (rows), then any of target_domain, shots, seed, source_domains",
+    )
+    compare.add_argument(
+        "--per-seed",
+        action="store_true",
+        help="one column per seed too: each seed's mean per cell, to see the spread behind the intervals",
     )
     compare.add_argument("--baseline", default="finetune", help="algorithm the others are tested against")
     compare.add_argument(
@@ -80,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
 def _validate(spec_path: str, overrides: list[str]) -> int:
     from flows.study import validate_study
 
-    spec = load_spec(spec_path, overrides)
+    spec = _load(spec_path, overrides)
     prepared = validate_study(spec)
     classes = len(prepared.class_names)
     print(f"{spec_path}: valid. {classes} classes; rows per domain: {prepared.rows_per_domain}")
@@ -93,27 +101,46 @@ def _validate(spec_path: str, overrides: list[str]) -> int:
     return 0
 
 
+def _load(spec_path: str, overrides: list[str]) -> StudySpec:
+    """The spec with its overrides; an override holding a credential is refused by `validate` and
+    `run` alike, since `run` hands overrides to Prefect, which stores them as flow parameters."""
+    secret = [repr(redact(item)) for item in overrides if has_secret(item)]
+    if secret:
+        raise StudyError(
+            f"--set {', '.join(secret)}: a --set value holds a credential, and Prefect would store it as a "
+            "flow parameter. Put the value in the spec file, or the credential in the environment "
+            "(e.g. HF_TOKEN, AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, MLFLOW_TRACKING_PASSWORD)."
+        )
+    return load_spec(spec_path, overrides)
+
+
 def _run(spec_path: str, overrides: list[str], tracking_uri: str | None) -> int:
     from flows.study import study, validate_study
     from tasks.report import format_table
+    from tasks.summary import interval_caption
 
-    spec = load_spec(spec_path, overrides)
+    spec = _load(spec_path, overrides)
     validate_study(spec)  # fail fast, before a Prefect server starts or MLflow is touched
     uri = tracking_uri or settings.default_tracking_uri()
+    if has_secret(uri):  # Prefect stores flow parameters: a URI with credentials goes by the environment
+        os.environ["MLFLOW_TRACKING_URI"] = uri
     started = time.perf_counter()
-    rows = study(spec=str(Path(spec_path)), overrides=overrides, tracking_uri=uri)
+    rows = study(
+        spec=str(Path(spec_path)), overrides=overrides, tracking_uri=None if has_secret(uri) else uri
+    )
     import pandas as pd
 
     print(
         f"\n{spec.name}: {spec.episodes.ways}-way, {spec.episodes.queries} queries, "
         f"{spec.episodes.eval_episodes} target episodes per seed, seeds {spec.seeds}"
     )
-    print("accuracy % ± 95% CI over all evaluation episodes:\n")
-    print(format_table(pd.DataFrame(rows)))
+    summary = pd.DataFrame(rows)
+    print(f"{interval_caption(summary)}:\n")
+    print(format_table(summary))
     print(f"\nstudy took {time.perf_counter() - started:.1f} s. Open the results:")
-    print(f"  mlflow ui --backend-store-uri {uri}")
+    print(f"  mlflow ui --backend-store-uri {redact(uri)}")
     if os.environ.get("PREFECT_API_URL"):
-        print(f"  the Prefect UI of {os.environ['PREFECT_API_URL'].removesuffix('/api')}")
+        print(f"  the Prefect UI of {redact(os.environ['PREFECT_API_URL'].removesuffix('/api'))}")
     else:
         print(
             f"  PREFECT_HOME={os.environ['PREFECT_HOME']} prefect server start   # then http://127.0.0.1:4200"
@@ -127,7 +154,8 @@ def _compare(args: argparse.Namespace) -> int:
     from tasks.compare import compare, render, write_outputs
 
     client = MlflowClient(tracking_uri=args.tracking_uri or settings.default_tracking_uri())
-    comparison = compare(client, args.experiment, args.baseline, args.by.split(","), args.study)
+    by = args.by.split(",") + (["seed"] if args.per_seed and "seed" not in args.by else [])
+    comparison = compare(client, args.experiment, args.baseline, by, args.study)
     print(render(comparison, args.format))
     files = write_outputs(client, args.experiment, comparison, args.format, Path(args.out))
     print("\nwritten: " + ", ".join(str(path) for path in files))

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -282,26 +282,54 @@ def _read_yaml(path: Path) -> dict[str, Any]:
 
 
 def _apply_override(raw: dict[str, Any], item: str) -> None:
-    """Sets raw[a][b]... from 'a.b=value'; list items are addressed by index ('algorithms.0.lr')."""
+    """Sets raw[a][b]... from 'a.b=value'; list items are addressed by index ('algorithms.0.lr').
+
+    Missing (or null) mappings on the way are created; anything else that does not fit the spec's
+    shape is a StudyError naming the override.
+    """
     key, sep, text = item.partition("=")
-    if not sep or not key:
+    parts = key.split(".")
+    if not sep or not all(parts):
         raise StudyError(f"--set {item!r}: expected KEY.PATH=VALUE, e.g. train.steps=50")
-    value = yaml.safe_load(text)
-    *parents, last = key.split(".")
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        problem = getattr(exc, "problem", None) or exc
+        raise StudyError(
+            f"--set {item!r}: the value {text!r} is not valid YAML ({problem}); a plain string with "
+            f"YAML syntax in it must be quoted, e.g. {key}='\"...\"'"
+        ) from None
     node: Any = raw
-    for part in parents:
-        node = node[int(part)] if isinstance(node, list) else node.setdefault(part, {})
-    if isinstance(node, list):
-        node[int(last)] = value
-    else:
-        node[last] = value
+    for depth, part in enumerate(parts):
+        where = ".".join(parts[:depth]) or "the spec"
+        last = depth == len(parts) - 1
+        if isinstance(node, list):
+            if not part.isdecimal() or int(part) >= len(node):
+                indices = f"0..{len(node) - 1}" if node else "none: it is empty"
+                raise StudyError(
+                    f"--set {item!r}: {where} is a list of {len(node)} item(s); address an item by its "
+                    f"index ({indices}), or set the whole list, e.g. {where}=[...]"
+                )
+            part = int(part)
+        elif isinstance(node, dict):
+            if not last and node.get(part) is None:
+                node[part] = {}
+        else:
+            raise StudyError(
+                f"--set {item!r}: {where} is {node!r}, not a mapping or a list, so it has no {part!r}; "
+                f"set {where} itself, or check the key path"
+            )
+        if last:
+            node[part] = value
+        else:
+            node = node[part]
 
 
 def _explain(exc: ValidationError) -> str:
     lines = []
     for error in exc.errors():
         location = ".".join(str(part) for part in error["loc"]) or "(top level)"
-        message = error["msg"]
+        message = error["msg"].removeprefix("Value error, ")
         if error["type"] == "extra_forbidden":
             message = f"unknown key; allowed here: {', '.join(_allowed_keys(error['loc']))}"
         elif error["type"] == "missing":
@@ -311,11 +339,18 @@ def _explain(exc: ValidationError) -> str:
 
 
 def _allowed_keys(location: tuple[Any, ...]) -> list[str]:
+    """The keys of the section at `location`, following fields into their models (list items and
+    dict values too, as for data.domains.<name>)."""
     model: type[BaseModel] = StudySpec
     for part in location[:-1]:
-        if isinstance(part, int):
-            continue
-        annotation = model.model_fields[str(part)].annotation
-        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-            model = annotation
+        field = model.model_fields.get(part) if isinstance(part, str) else None
+        if field is not None:
+            model = _model_in(field.annotation) or model
     return list(model.model_fields)
+
+
+def _model_in(annotation: Any) -> type[BaseModel] | None:
+    """The pydantic model inside an annotation such as `Options | None` or `dict[str, DomainSource]`."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    return next((model for arg in get_args(annotation) if (model := _model_in(arg))), None)

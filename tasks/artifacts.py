@@ -9,6 +9,7 @@ from urllib.parse import urlsplit
 
 from prefect.artifacts import create_link_artifact, create_progress_artifact, update_progress_artifact
 
+from adaptflow.redact import redact
 from adaptflow.spec import StudySpec
 
 if TYPE_CHECKING:  # not at run time: train-task processes need not import MLflow
@@ -31,11 +32,11 @@ def link_mlflow_run(run: StudyRun, spec: StudySpec) -> None:
     """A link artifact on the flow run to the study's MLflow parent run."""
     url = f"{mlflow_ui_url(run.tracking_uri)}/#/experiments/{run.experiment_id}/runs/{run.run_id}"
     create_link_artifact(
-        link=url,
+        link=redact(url),
         link_text=f"MLflow parent run of {spec.name}",
         key=artifact_key("mlflow", spec.name, *spec.target),
         description=f"{spec.name}: source {', '.join(spec.source)} -> target {', '.join(spec.target)} "
-        f"(tracking URI {run.tracking_uri})",
+        f"(tracking URI {redact(run.tracking_uri)})",
     )
 
 

@@ -26,7 +26,7 @@ def stable_token(value: Any) -> Any:
     """A JSON-able stand-in for `value` that is equal across processes when the data is."""
     if isinstance(value, torch.Tensor):
         data = value.detach().cpu().contiguous()
-        digest = hashlib.sha256(data.view(torch.uint8).numpy().tobytes()).hexdigest()
+        digest = hashlib.sha256(data.reshape(-1).view(torch.uint8).numpy().tobytes()).hexdigest()
         return ["tensor", str(data.dtype), list(data.shape), digest]
     if isinstance(value, BaseModel):
         return [type(value).__qualname__, value.model_dump(mode="json")]

@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -105,10 +106,24 @@ def load_table(
             "at a local copy."
         ) from None
     except ValueError as exc:
-        raise StudyError(f"data path {path!r} (config {config!r}, split {split!r}): {exc}") from None
+        raise StudyError(
+            f"data path {path!r} ({_source_details(data_files, config, split)}): {exc}"
+        ) from None
+    except datasets.exceptions.DatasetGenerationError as exc:  # e.g. an empty or damaged file
+        raise StudyError(
+            f"data path {path!r} ({_source_details(data_files, config, split)}) could not be read: "
+            f"{exc.__cause__ or exc}. Is a file empty or damaged?"
+        ) from None
     if isinstance(loaded, datasets.DatasetDict):
         return datasets.concatenate_datasets(list(loaded.values()))
     return loaded
+
+
+def _source_details(data_files: Any, config: str | None, split: str | None) -> str:
+    details = {"data_files": data_files, "config": config, "split": split}
+    return (
+        ", ".join(f"{key} {value!r}" for key, value in details.items() if value is not None) or "no options"
+    )
 
 
 def load_domains(data: DataSpec, names: list[str]) -> dict[str, Domain]:
@@ -123,7 +138,8 @@ def load_domains(data: DataSpec, names: list[str]) -> dict[str, Domain]:
         return {name: _load_domain(name, sources[name]) for name in names}
     table = load_table(data.path or "", data.data_files, data.config, revision=data.revision)
     _check_columns(table, [data.input, data.label, data.domain], "the dataset")
-    domains = np.asarray(table.select_columns([data.domain])[:][data.domain])
+    # compared as text: spec domains are strings, a column may hold integers (or nulls)
+    domains = np.asarray(table.select_columns([data.domain])[:][data.domain]).astype(str)
     present = sorted(set(domains.tolist()))
     unknown = [name for name in names if name not in present]
     if unknown:
@@ -143,14 +159,11 @@ def prepare(
     domains = load_domains(data, [*source, *target])
     fingerprint = _fingerprint(domains, data, source, target)
     path = cache / f"{fingerprint}.pt" if cache else None
-    if path and path.is_file():
-        prepared = _from_state(torch.load(path))
-    else:
+    prepared = _read_cache(path) if path else None
+    if prepared is None:
         prepared = _prepare(domains, data, source, target, fingerprint)
         if path:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            torch.save(_to_state(prepared), path.with_suffix(".tmp"))
-            path.with_suffix(".tmp").replace(path)
+            _write_cache(path, prepared)
     for domain, classes in prepared.missing_classes.items():
         warnings.warn(
             f"domain {domain!r} has no examples of class(es) {classes}, which other domains of the study "
@@ -208,9 +221,15 @@ def check_episode_shapes(spec: StudySpec, prepared: PreparedData) -> None:
 def _prepare(
     domains: dict[str, Domain], data: DataSpec, source: list[str], target: list[str], fingerprint: str
 ) -> PreparedData:
+    empty = [name for name, domain in domains.items() if len(domain.table) == 0]
+    if empty:
+        raise StudyError(
+            f"domain(s) {empty} have no rows; check their path, data_files, config or split, "
+            "or drop them from source / target"
+        )
     modality = _modality(domains, data)
     class_names, labels = _label_space(domains)
-    inputs = {name: _input_tensor(domain, modality, data) for name, domain in domains.items()}
+    inputs = {name: _checked_inputs(name, domain, modality, data) for name, domain in domains.items()}
     shapes = {name: tuple(x.shape[1:]) for name, x in inputs.items()}
     if len(set(shapes.values())) > 1:
         raise StudyError(
@@ -315,20 +334,69 @@ def _feature_modality(feature: Any) -> str | None:
 
 
 def _label_space(domains: dict[str, Domain]) -> tuple[list[str], dict[str, torch.Tensor]]:
-    """Class names and each domain's integer labels, aligned by name (ClassLabel, strings) or value."""
-    values = {}
-    for name, domain in domains.items():
-        feature = domain.table.features[domain.label]
-        column = domain.table.select_columns([domain.label])[:][domain.label]
-        values[name] = (
-            [feature.int2str(v) for v in column] if isinstance(feature, datasets.ClassLabel) else column
+    """Class names and each domain's integer labels, aligned by name (ClassLabel, strings) or value.
+
+    Values of one kind only (integers, booleans or strings): 1 and "1" would otherwise be two classes.
+    """
+    values = {name: _label_values(name, domain) for name, domain in domains.items()}
+    kinds = {name: sorted({type(v).__name__ for v in column}) for name, column in values.items()}
+    if len({kind for found in kinds.values() for kind in found}) > 1:
+        raise StudyError(
+            f"the label columns hold values of different kinds: {kinds}. Classes are matched across "
+            "domains by value, so 1 and '1' would be two classes: make the labels one kind."
         )
-    names = sorted({v for column in values.values() for v in column}, key=lambda v: (str(type(v)), v))
+    names = sorted({v for column in values.values() for v in column})
     index = {value: i for i, value in enumerate(names)}
     labels = {
         name: torch.tensor([index[v] for v in column], dtype=torch.long) for name, column in values.items()
     }
     return [str(value) for value in names], labels
+
+
+def _label_values(name: str, domain: Domain) -> list[int | str]:
+    """One domain's labels as ints, bools or strings (ClassLabel as its names, whole floats as ints);
+    missing labels, fractional numbers and other types are errors naming the domain."""
+    feature = domain.table.features[domain.label]
+    column = domain.table.select_columns([domain.label])[:][domain.label]
+    is_class_label = isinstance(feature, datasets.ClassLabel)
+    missing = sum(
+        v is None or (is_class_label and v < 0) or (isinstance(v, float) and math.isnan(v)) for v in column
+    )
+    where = f"domain {name!r}: label column {domain.label!r}"
+    if missing:
+        raise StudyError(
+            f"{where} has {missing} of {len(column)} rows without a label (null, NaN, or ClassLabel -1); "
+            "drop or label those rows"
+        )
+    if is_class_label:
+        return [feature.int2str(v) for v in column]
+    other = next((v for v in column if not isinstance(v, int | str | float)), None)
+    if other is not None:
+        raise StudyError(
+            f"{where} holds {type(other).__name__} values such as {other!r}; labels must be integers, "
+            "strings or a ClassLabel"
+        )
+    fractional = next((v for v in column if isinstance(v, float) and not v.is_integer()), None)
+    if fractional is not None:
+        raise StudyError(
+            f"{where} holds fractional numbers such as {fractional}, which look like a measurement, not "
+            "a class; labels must be integers, strings or a ClassLabel"
+        )
+    return [int(v) if isinstance(v, float) else v for v in column]
+
+
+def _checked_inputs(name: str, domain: Domain, modality: str, data: DataSpec) -> torch.Tensor:
+    """One domain's inputs as a tensor; rows without an input, or with NaN or infinite values (which
+    would turn every loss they reach into NaN), are errors naming the domain."""
+    column = domain.table.select_columns([domain.input]).with_format("arrow")[:][domain.input]
+    where = f"domain {name!r}: input column {domain.input!r}"
+    if column.null_count:
+        raise StudyError(f"{where} has {column.null_count} of {len(column)} rows without an input (null)")
+    x = _input_tensor(domain, modality, data)
+    bad = int((~torch.isfinite(x.reshape(len(x), -1))).any(1).sum())
+    if bad:
+        raise StudyError(f"{where} has {bad} of {len(x)} rows with NaN or infinite values; drop or fill them")
+    return x
 
 
 def _input_tensor(domain: Domain, modality: str, data: DataSpec) -> torch.Tensor:
@@ -473,6 +541,39 @@ def _fingerprint(domains: dict[str, Domain], data: DataSpec, source: list[str], 
         [tables, data.model_dump(mode="json"), source, target, CODE_VERSION], sort_keys=True, default=str
     )
     return hashlib.sha256(settings.encode()).hexdigest()[:16]
+
+
+def _read_cache(path: Path) -> PreparedData | None:
+    """The entry at `path`, or None if there is none or it cannot be read (it is then recomputed).
+
+    weights_only: a cache entry holds tensors and builtins, and nothing in it may run code.
+    """
+    if not path.is_file():
+        return None
+    try:
+        return _from_state(torch.load(path, weights_only=True))
+    except Exception as exc:  # a truncated, corrupt or foreign file: any failure means "recompute"
+        warnings.warn(
+            f"prepared-data cache entry {path} is unreadable ({type(exc).__name__}: {str(exc)[:200]}); "
+            "preparing the data again and replacing it",
+            stacklevel=3,
+        )
+        return None
+
+
+def _write_cache(path: Path, prepared: PreparedData) -> None:
+    """Atomically: a unique temporary file in the same folder, renamed over the entry. Concurrent
+    runs of one spec each write their own temporary; the last rename wins with an equal entry."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile(
+        dir=path.parent, prefix=f".{path.stem}.", suffix=".tmp", delete=False
+    ) as f:
+        temporary = Path(f.name)
+    try:
+        torch.save(_to_state(prepared), temporary)
+        temporary.replace(path)
+    finally:
+        temporary.unlink(missing_ok=True)
 
 
 def _to_state(prepared: PreparedData) -> dict[str, Any]:

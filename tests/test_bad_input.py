@@ -3,13 +3,25 @@ and leaves nothing in the MLflow store."""
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
+import threading
+import warnings
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
+from mlflow.tracking import MlflowClient
 
 from adaptflow.cli import main
-from tests.conftest import DEMO, ROOT
+from adaptflow.redact import redact
+from adaptflow.spec import DataSpec, load_spec
+from tasks.prepare import PreparedData, _read_cache, _write_cache, prepare
+from tasks.tracking import start_study_run, study_datasets
+from tests.conftest import DEMO, OFFICE, ROOT, TINY_TRAINING, cli_overrides
 
 
 def write_spec(tmp_path: Path, **changes: object) -> Path:
@@ -134,3 +146,200 @@ def test_validate_command_accepts_the_demo(capsys: pytest.CaptureFixture[str]) -
 def test_images_too_small_for_conv4(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     err = run_cli([str(ROOT / "studies" / "digits.yaml"), "--set", "data.image_size=12"], tmp_path, capsys)
     assert "images must be at least 16x16, not 12x12; raise data.image_size" in err
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("algorithms.7.lr=0.1", "algorithms is a list of 3 item(s); address an item by its index (0..2)"),
+        ("seeds.-1=4", "seeds is a list of 3 item(s)"),
+        ("algorithms.first.lr=0.1", "algorithms is a list of 3 item(s)"),
+        ("train.steps.max=5", "train.steps is 300, not a mapping or a list, so it has no 'max'"),
+        ("train=5", "train: Input should be a valid dictionary"),
+        ("train.steps=[1", "the value '[1' is not valid YAML"),
+        ("train..steps=1", "expected KEY.PATH=VALUE"),
+    ],
+)
+def test_malformed_override(
+    override: str, message: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    err = run_cli([str(DEMO), "--set", override], tmp_path, capsys)
+    assert f"--set {override!r}" in err or "is not a valid study spec" in err
+    assert message in err
+
+
+def test_override_after_a_scalar_replaced_its_section(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    err = run_cli([str(DEMO), "--set", "train=5", "--set", "train.steps=3"], tmp_path, capsys)
+    assert "train is 5, not a mapping or a list" in err
+
+
+def test_unknown_key_of_a_domain_source_lists_its_keys(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    err = run_cli([str(DEMO), "--set", "data.domains={amazon: {paht: x}}"], tmp_path, capsys)
+    assert "data.domains.amazon.paht: unknown key; allowed here: path, data_files" in err
+
+
+def test_override_with_a_credential_is_refused_and_masked(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    url = "https://bob:hunter2@example.com/office.parquet?X-Amz-Signature=deadbeef"
+    err = run_cli([str(DEMO), "--set", f"data.path={url}"], tmp_path, capsys)
+    assert "holds a credential" in err and "Prefect would store it" in err
+    assert "https://bob:***@example.com/office.parquet?X-Amz-Signature=***" in err
+    assert "hunter2" not in err and "deadbeef" not in err
+    assert main(["validate", str(DEMO), "--set", f"data.path={url}"]) == 2  # validate agrees with run
+
+
+def per_domain_spec(tmp_path: Path) -> Path:
+    """The demo's data given as one file per domain, with no top-level data.path."""
+    spec = yaml.safe_load(DEMO.read_text())
+    spec["data"] = {
+        "domains": {
+            name: {"path": "parquet", "data_files": str(OFFICE / f"{name}.parquet")}
+            for name in ("amazon", "caltech", "webcam")
+        },
+        "log1p": True,
+    }
+    spec.update(
+        target=["webcam"],
+        algorithms=[{"name": "protonet"}],
+        seeds=[0],
+        episodes={"ways": 5, "shots": [1], "queries": 3, "eval_episodes": 20},
+    )
+    path = tmp_path / "per_domain.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return path
+
+
+@pytest.mark.slow
+def test_what_validate_accepts_run_runs_per_domain_paths(prefect_server: None, tmp_path: Path) -> None:
+    """Domains with their own path and no data.path: validate accepts it, and run logs it (it used to
+    crash in log_dataset after opening the parent run)."""
+    path = per_domain_spec(tmp_path)
+    assert main(["validate", str(path)]) == 0
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    assert main(["run", str(path), *cli_overrides(*TINY_TRAINING), "--tracking-uri", uri]) == 0
+    client = MlflowClient(tracking_uri=uri)
+    experiment = client.get_experiment_by_name("office-caltech-demo")
+    (parent,) = client.search_runs([experiment.experiment_id], "tags.kind = 'study'")
+    assert parent.info.status == "FINISHED"
+    inputs = {item.dataset.name: item for item in parent.inputs.dataset_inputs}
+    assert sorted(inputs) == ["amazon", "caltech", "webcam"]
+    tags = {name: {tag.key: tag.value for tag in item.tags} for name, item in inputs.items()}
+    assert tags["webcam"] == {"rows": "295", "mlflow.data.context": "target"}
+    assert tags["amazon"]["mlflow.data.context"] == "source"
+    assert json.loads(inputs["amazon"].dataset.source)["data_files"].endswith("amazon.parquet")
+
+
+def test_secrets_are_masked_in_mlflow_params_tags_inputs_and_spec(tmp_path: Path) -> None:
+    """A data path with a password and a presigned signature reaches MLflow (real sqlite store) masked."""
+    url = "https://bob:hunter2@example.com/office.parquet?X-Amz-Credential=AKIA1&X-Amz-Signature=deadbeef"
+    spec = load_spec(DEMO, [f"data.path={url}", "data.data_files=[s3://k3y:s3cret@bucket/a.parquet]"])
+    datasets = study_datasets(spec, "fingerprint", {"amazon": 1, "caltech": 1, "webcam": 1, "dslr": 1})
+    run = start_study_run(spec, f"sqlite:///{tmp_path / 'mlflow.db'}", {"origin": url}, datasets)
+    record = run.client.get_run(run.run_id)
+    spec_yaml = Path(run.client.download_artifacts(run.run_id, "spec.yaml", str(tmp_path))).read_text()
+    written = json.dumps(
+        [record.data.params, record.data.tags, [i.dataset.source for i in record.inputs.dataset_inputs]]
+    )
+    for secret in ("hunter2", "AKIA1", "deadbeef", "s3cret"):
+        assert secret not in written and secret not in spec_yaml
+    assert record.data.params["data.path"] == (
+        "https://bob:***@example.com/office.parquet?X-Amz-Credential=***&X-Amz-Signature=***"
+    )
+    assert "s3://k3y:***@bucket/a.parquet" in spec_yaml
+
+
+@pytest.mark.parametrize(
+    ("text", "masked"),
+    [
+        ("postgresql://mlflow:pw@db:5432/mlflow", "postgresql://mlflow:***@db:5432/mlflow"),
+        ("https://ghp_token@github.com/o/r", "https://***@github.com/o/r"),
+        ("https://h/f?token=abc&page=2#x", "https://h/f?token=***&page=2#x"),
+        ("https://a.blob.core.windows.net/c/f?sv=2022&sig=abc", "https://a.blob.core.windows.net/c/f?sv=2022&sig=***"),
+        ("at http://u:p@h:5000/api, sqlite:////tmp/a@b/m.db", "at http://u:***@h:5000/api, sqlite:////tmp/a@b/m.db"),
+        ("s3://bucket/year=2024/key=1/x.parquet", "s3://bucket/year=2024/key=1/x.parquet"),
+        ("data/office_caltech10_surf", "data/office_caltech10_surf"),
+    ],
+)  # fmt: skip
+def test_redact(text: str, masked: str) -> None:
+    assert redact(text) == masked
+
+
+class WritesAFile:
+    """Unpickling this would create `path`: what a malicious cache entry would do."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def __reduce__(self) -> tuple[object, tuple[str]]:
+        return (Path.touch, (str(self.path),))
+
+
+def prepare_office(cache: Path) -> PreparedData:
+    return prepare(DataSpec(path=str(OFFICE), log1p=True), ["amazon"], ["dslr"], cache=cache)
+
+
+@pytest.mark.parametrize("damage", ["truncated", "code"])
+def test_unreadable_cache_entry_is_recomputed_with_a_warning(damage: str, tmp_path: Path) -> None:
+    """A truncated entry, or one that would run code when unpickled (refused: weights-only load),
+    is prepared again, with a warning naming it, and replaced by a good entry."""
+    first = prepare_office(tmp_path)
+    entry = tmp_path / f"{first.fingerprint}.pt"
+    marker = tmp_path / "code-ran"
+    if damage == "truncated":
+        entry.write_bytes(entry.read_bytes()[:1000])
+    else:
+        torch.save({"payload": WritesAFile(marker)}, entry)
+    with pytest.warns(UserWarning, match=f"prepared-data cache entry {entry} is unreadable"):
+        again = prepare_office(tmp_path)
+    assert not marker.exists()
+    assert torch.equal(again.targets["dslr"].x, first.targets["dslr"].x)
+    assert torch.load(entry, weights_only=True)["fingerprint"] == first.fingerprint
+    assert [path.name for path in tmp_path.iterdir()] == [entry.name]
+
+
+def test_concurrent_cache_writers_each_use_their_own_temporary(tmp_path: Path) -> None:
+    """Eight writers and readers of one entry at once (two runs of one spec): every read is None or a
+    whole entry, nothing fails, and no temporary file is left behind."""
+    prepared = prepare_office(tmp_path / "first")
+    entry = tmp_path / "shared" / f"{prepared.fingerprint}.pt"
+    start = threading.Barrier(8)
+
+    def write_then_read(_: int) -> PreparedData | None:
+        start.wait()
+        _write_cache(entry, prepared)
+        return _read_cache(entry)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a partial entry would warn "unreadable"
+        with ThreadPoolExecutor(8) as pool:
+            results = list(pool.map(write_then_read, range(8)))
+    assert all(r is not None and torch.equal(r.source_train.x, prepared.source_train.x) for r in results)
+    assert [path.name for path in entry.parent.iterdir()] == [entry.name]
+
+
+OPEN_STORE = """
+import sys
+from tasks.tracking import ensure_experiment, open_store
+client = open_store(sys.argv[1])
+client.create_run(ensure_experiment(client, "concurrent", sys.argv[1]))
+"""
+
+
+@pytest.mark.slow
+def test_studies_started_together_share_a_new_sqlite_store(tmp_path: Path) -> None:
+    """Three processes open one not-yet-existing sqlite store at once, as studies started together on
+    a fresh machine do. Without the lock, MLflow's migrations collide ("table ... already exists")."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    children = [
+        subprocess.Popen([sys.executable, "-c", OPEN_STORE, uri], cwd=ROOT, stderr=subprocess.PIPE, text=True)
+        for _ in range(3)
+    ]
+    errors = [child.communicate(timeout=300)[1] for child in children]
+    assert [child.returncode for child in children] == [0, 0, 0], errors
+    client = MlflowClient(tracking_uri=uri)
+    assert len(client.search_runs([client.get_experiment_by_name("concurrent").experiment_id])) == 3

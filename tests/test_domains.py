@@ -150,7 +150,7 @@ def test_prepared_data_is_cached_on_the_fingerprint_and_the_settings(tmp_path: P
     assert [path.name for path in cache.iterdir()] == [entry.name]
 
     # a second preparation reads the entry back: mark it, and the mark comes back
-    state = torch.load(entry)
+    state = torch.load(entry, weights_only=True)
     state["rows_per_domain"] = {"books": -1, "dvd": -1}
     torch.save(state, entry)
     again = prepare_spec(["books"], ["dvd"], cache=cache, **settings)
