@@ -17,14 +17,17 @@ from prefect.futures import PrefectFuture
 from prefect.runtime import deployment, flow_run
 from prefect.task_runners import ThreadPoolTaskRunner
 
+from adaptflow.errors import StudyError
 from adaptflow.settings import default_tracking_uri
 from adaptflow.spec import StudySpec, load_spec
 from metalib.seeding import derive_seed
 from tasks.artifacts import link_mlflow_run
 from tasks.evaluate import Evaluation, evaluate_model
+from tasks.models import log_failed_training, log_model
 from tasks.prepare import PreparedData, check_episode_shapes, prepare, prepare_data
 from tasks.report import Result, log_evaluation, report_study
-from tasks.tracking import StudyRun, log_dataset, start_study_run
+from tasks.run_states import OWNER_TAG, end_stale_runs, owner
+from tasks.tracking import StudyRun, start_study_run, study_datasets
 from tasks.train import LearnerSetup, TrainedModel, train_model, train_on_pool
 
 # The `train` flow's deployment on the GPU pool (prefect.yaml).
@@ -53,30 +56,37 @@ class PendingEvaluation:
 
 
 def validate_study(spec: StudySpec) -> PreparedData:
-    """Every check a study run makes before training, without Prefect or MLflow."""
+    """Every check a study run makes before training, without Prefect or an MLflow store."""
     prepared = prepare(spec.data, spec.source, spec.target)
-    check_episode_shapes(spec, prepared)
-    for algorithm in spec.algorithms:
-        LearnerSetup.from_spec(spec, algorithm, prepared).check()
+    check_study(spec, prepared)
     return prepared
 
 
 def plan_study(spec: StudySpec) -> StudyPlan:
     """Prepares the data (a cached task) and checks everything before MLflow is touched."""
-    prepared = prepare_data(spec.data, spec.source, spec.target)
+    return check_study(spec, prepare_data(spec.data, spec.source, spec.target))
+
+
+def check_study(spec: StudySpec, prepared: PreparedData) -> StudyPlan:
+    """The one place that says whether a spec runs on its data: validate and run both call it.
+
+    Checks the episodes each pool must supply, builds every learner once, and builds (without
+    writing) the MLflow dataset inputs of the parent run; raises StudyError on any problem.
+    """
     check_episode_shapes(spec, prepared)
     # the backbone the data's modality implies, when the spec leaves it out, is logged as chosen
     spec = spec.model_copy(update={"backbone": spec.backbone_for(prepared.modality)})
     setups = [LearnerSetup.from_spec(spec, algorithm, prepared) for algorithm in spec.algorithms]
     for setup in setups:
         setup.check()
+    study_datasets(spec, prepared.fingerprint, prepared.rows_per_domain)
     return StudyPlan(spec, prepared, setups)
 
 
 def open_study_run(plan: StudyPlan, tracking_uri: str | None, tags: dict[str, str]) -> StudyRun:
-    """The MLflow parent run, with the dataset input, linked from the Prefect flow run."""
-    run = start_study_run(plan.spec, tracking_uri or default_tracking_uri(), tags)
-    log_dataset(run, plan.spec, plan.prepared.fingerprint, sum(plan.prepared.rows_per_domain.values()))
+    """The MLflow parent run, with the dataset inputs, linked from the Prefect flow run."""
+    datasets = study_datasets(plan.spec, plan.prepared.fingerprint, plan.prepared.rows_per_domain)
+    run = start_study_run(plan.spec, tracking_uri or default_tracking_uri(), tags, datasets)
     link_mlflow_run(run, plan.spec)
     return run
 
@@ -162,13 +172,51 @@ def submit_evaluation(
     return pending
 
 
-def log_study(
-    plan: StudyPlan, run: StudyRun, pending: list[PendingEvaluation], flow_run_id: str
-) -> list[Result]:
-    """One MLflow child run per evaluation, in submission order, marked when it reused the cache."""
+@dataclass(frozen=True)
+class Logged:
+    """What a study logged: a result per evaluation that finished, a message per failure."""
+
+    results: list[Result]
+    failures: list[str]
+
+
+def error_of(future: PrefectFuture[Any]) -> str:
+    """Why a task run did not complete: its exception's message, else its state's."""
+    outcome = future.result(raise_on_failure=False)
+    return str(outcome) if isinstance(outcome, BaseException) else str(future.state.message)
+
+
+def log_study(plan: StudyPlan, run: StudyRun, pending: list[PendingEvaluation], flow_run_id: str) -> Logged:
+    """One MLflow child run per evaluation, in submission order, marked when it reused the cache.
+
+    Each trained model is logged once (a model run the evaluations refer to); a failed training is
+    logged as a FAILED model run with its error, and the other trainings' evaluations go on.
+    """
+    models: dict[int, str | None] = {}  # id of a training's future -> its model run (None: it failed)
+    failures: list[str] = []
     logged = []
     for item in pending:
+        trained_for = item.target if item.setup.uses_unlabelled_target else None
+        if id(item.trained) not in models:
+            item.trained.wait()
+            if item.trained.state.is_completed():
+                model = log_model.submit(run, item.setup, item.trained, item.seed, trained_for).result()
+            else:
+                where = f", target {trained_for}" if trained_for else ""
+                failures.append(
+                    f"training {item.setup.label}, seed {item.seed}{where}: {error_of(item.trained)}"
+                )
+                log_failed_training.submit(run, item.setup, item.seed, trained_for, failures[-1]).result()
+                model = None
+            models[id(item.trained)] = model
+        model_run_id = models[id(item.trained)]
+        if model_run_id is None:
+            continue
         item.evaluation.wait()
+        if not item.evaluation.state.is_completed():
+            where = f"{item.setup.label} seed {item.seed} on {item.target}, {item.shots} shots"
+            failures.append(f"evaluating {where}: {error_of(item.evaluation)}")
+            continue
         logged.append(
             log_evaluation.submit(
                 run,
@@ -181,20 +229,47 @@ def log_study(
                 shots=item.shots,
                 flow_run_id=flow_run_id,
                 cached=item.evaluation.state.name == "Cached",
+                model_run_id=model_run_id,
             )
         )
-    return [future.result() for future in logged]
+    return Logged([future.result() for future in logged], failures)
+
+
+def failed(spec: StudySpec, logged: Logged) -> StudyError:
+    """The error a study with failures ends with, once everything else is logged."""
+    causes = "\n".join(f"  {failure}" for failure in logged.failures)
+    return StudyError(
+        f"study {spec.name!r}: {len(logged.failures)} failure(s), recorded as FAILED runs in MLflow; "
+        f"{len(logged.results)} evaluations finished and were logged:\n{causes}"
+    )
+
+
+def end(run: StudyRun, status: str) -> None:
+    """Ends the MLflow run with `status` unless it has ended already."""
+    if run.client.get_run(run.run_id).info.status == "RUNNING":
+        run.client.set_terminated(run.run_id, status)
 
 
 @contextmanager
 def terminating(run: StudyRun) -> Iterator[None]:
-    """Marks the MLflow parent run FINISHED, or FAILED if the block raises."""
+    """Ends the MLflow parent run (unless the block did): FINISHED, FAILED if the block raises, KILLED if
+    it is interrupted (Ctrl-C, SIGTERM). A SIGKILLed study's run is ended KILLED by the next study."""
     try:
         yield
-    except BaseException:
-        run.client.set_terminated(run.run_id, "FAILED")
+    except Exception:
+        end(run, "FAILED")
         raise
-    run.client.set_terminated(run.run_id, "FINISHED")
+    except BaseException:
+        end(run, "KILLED")
+        raise
+    end(run, "FINISHED")
+
+
+def start_study(plan: StudyPlan, tracking_uri: str | None, tags: dict[str, str]) -> StudyRun:
+    """Opens the study's parent run, owned by this process, after ending the runs of dead studies."""
+    run = open_study_run(plan, tracking_uri, {**tags, OWNER_TAG: owner()})
+    end_stale_runs(run.client, run.experiment_id)
+    return run
 
 
 # One worker thread: torch's random generator is global to the process, so tasks that seed it
@@ -208,9 +283,11 @@ def study(
     """Runs one study spec (a YAML path or an inline mapping); returns the summary table rows."""
     plan = plan_study(load_spec(spec, overrides or []))
     flow_run_id = str(flow_run.id)
-    run = open_study_run(plan, tracking_uri, {"prefect_flow_run_id": flow_run_id})
+    run = start_study(plan, tracking_uri, {"prefect_flow_run_id": flow_run_id})
     with terminating(run):
         pending = submit_evaluation(plan, submit_training(plan))
-        results = log_study(plan, run, pending, flow_run_id)
-        summary = report_study(run, plan.spec, results)
+        logged = log_study(plan, run, pending, flow_run_id)
+        summary = report_study(run, plan.spec, logged.results) if logged.results else None
+        if logged.failures:
+            raise failed(plan.spec, logged)
     return summary.to_dict(orient="records")

@@ -12,6 +12,7 @@ what had not finished. For more than one machine, run it with prefect-dask's Das
 from __future__ import annotations
 
 import json
+from contextlib import ExitStack
 from typing import Any
 
 from prefect import flow
@@ -19,11 +20,14 @@ from prefect.runtime import flow_run
 from prefect.task_runners import ProcessPoolTaskRunner
 from pydantic import BaseModel, ConfigDict, Field
 
+from adaptflow.errors import StudyError
 from adaptflow.spec import load_spec
 from flows.study import (
+    end,
+    failed,
     log_study,
-    open_study_run,
     plan_study,
+    start_study,
     submit_evaluation,
     submit_training,
     terminating,
@@ -68,12 +72,22 @@ def sweep(
     ]  # every pair is validated before anything is logged or trained
     flow_run_id = str(flow_run.id)
     tags = {"prefect_flow_run_id": flow_run_id, "prefect_flow": "sweep"}
-    runs = [open_study_run(plan, tracking_uri, tags) for plan in plans]
-    trainings = [submit_training(plan) for plan in plans]  # all of them before any evaluation
-    pending = [submit_evaluation(plan, models) for plan, models in zip(plans, trainings, strict=True)]
-    rows: list[dict[str, Any]] = []
-    for plan, run, items in zip(plans, runs, pending, strict=True):
-        with terminating(run):
-            summary = report_study(run, plan.spec, log_study(plan, run, items, flow_run_id))
-        rows += summary.assign(source=",".join(plan.spec.source)).to_dict(orient="records")
+    runs = [start_study(plan, tracking_uri, tags) for plan in plans]
+    with ExitStack() as ending:  # each run ends when its pair is done; if the sweep stops, those left too
+        for run in runs:
+            ending.enter_context(terminating(run))
+        trainings = [submit_training(plan) for plan in plans]  # all of them before any evaluation
+        pending = [submit_evaluation(plan, models) for plan, models in zip(plans, trainings, strict=True)]
+        rows: list[dict[str, Any]] = []
+        errors = []
+        for plan, run, items in zip(plans, runs, pending, strict=True):
+            logged = log_study(plan, run, items, flow_run_id)
+            if logged.results:
+                summary = report_study(run, plan.spec, logged.results)
+                rows += summary.assign(source=",".join(plan.spec.source)).to_dict(orient="records")
+            if logged.failures:
+                errors.append(failed(plan.spec, logged))
+            end(run, "FAILED" if logged.failures else "FINISHED")
+        if errors:
+            raise StudyError("\n".join(str(error) for error in errors))
     return rows

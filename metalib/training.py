@@ -1,10 +1,13 @@
-"""Meta-training with model selection on source validation episodes."""
+"""Meta-training with model selection on source validation episodes, resumable from checkpoints."""
 
 from __future__ import annotations
 
 import copy
+import io
+import math
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
+from typing import Any
 
 import torch
 from tqdm.auto import tqdm
@@ -27,6 +30,39 @@ class TrainingHistory:
             self.curves.setdefault(name, []).append((step, value))
 
 
+class NonFiniteLoss(ArithmeticError):
+    """A training step's loss was NaN or infinite: the weights it would leave are useless."""
+
+
+@dataclass
+class Checkpoint:
+    """Everything `meta_train` needs to go on after `step` exactly as if it had not stopped: the
+    learner's and its optimiser's state, the episode sampler's and torch's random generators, the
+    best weights so far and the history. Holds live tensors: store it (`to_bytes`) when handed one."""
+
+    step: int
+    learner: dict[str, Any]
+    optimizer: dict[str, Any]
+    sampler_rng: torch.Tensor
+    torch_rng: torch.Tensor
+    cuda_rng: list[torch.Tensor]
+    best: dict[str, Any]
+    history: TrainingHistory
+
+    def to_bytes(self) -> bytes:
+        """Plain containers and tensors only, so `from_bytes` can load with weights_only=True."""
+        buffer = io.BytesIO()
+        torch.save({**vars(self), "history": asdict(self.history)}, buffer)
+        return buffer.getvalue()
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> Checkpoint:
+        fields = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+        history = fields.pop("history")
+        curves = {name: [tuple(point) for point in points] for name, points in history["curves"].items()}
+        return cls(**fields, history=TrainingHistory(curves, history["best_step"], history["best_val_acc"]))
+
+
 def meta_train(
     learner: Algorithm,
     sampler: EpisodeSampler,
@@ -38,14 +74,32 @@ def meta_train(
     device: torch.device | str = "cpu",
     progress: bool = True,
     on_validate: Callable[[int, float], None] | None = None,
+    checkpoint_every: int = 0,
+    on_checkpoint: Callable[[Checkpoint], None] | None = None,
+    resume: Checkpoint | None = None,
 ) -> TrainingHistory:
     """Trains for `steps` updates and leaves the learner at its best source-validation weights.
 
     Validation uses a fixed batch of source episodes, so checkpoints are compared on the
-    same episodes; target data never enters here.
+    same episodes; target data never enters here. `on_checkpoint` gets a checkpoint after each
+    validation and every `checkpoint_every` steps; given one as `resume` (with a learner built and
+    seeded as before), training goes on from its step and ends with the same weights, bit for bit on
+    CPU, as a run that never stopped. Raises NonFiniteLoss, naming the learner and the step, when a
+    loss is NaN or infinite.
     """
+    device = torch.device(device)
     history = TrainingHistory()
+    best_state: dict[str, torch.Tensor] = {}
     validation = validation.to(device)
+    first = 1
+    if resume is not None:
+        learner.load_state_dict(resume.learner)
+        learner.optimizer.load_state_dict(resume.optimizer)
+        sampler.generator.set_state(resume.sampler_rng)
+        torch.set_rng_state(resume.torch_rng)
+        if resume.cuda_rng:
+            torch.cuda.set_rng_state_all(resume.cuda_rng)
+        best_state, history, first = resume.best, resume.history, resume.step + 1
 
     def validate(step: int) -> None:
         acc = episode_accuracies(learner, validation).mean().item()
@@ -56,14 +110,35 @@ def meta_train(
         if on_validate is not None:
             on_validate(step, acc)
 
-    best_state: dict[str, torch.Tensor] = {}
-    validate(0)
-    bar = tqdm(range(1, steps + 1), desc=type(learner).__name__, disable=not progress, leave=False)
+    def checkpoint(step: int) -> None:
+        if on_checkpoint is not None:
+            on_checkpoint(
+                Checkpoint(
+                    step=step,
+                    learner=learner.state_dict(),
+                    optimizer=learner.optimizer.state_dict(),
+                    sampler_rng=sampler.generator.get_state(),
+                    torch_rng=torch.get_rng_state(),
+                    cuda_rng=torch.cuda.get_rng_state_all() if device.type == "cuda" else [],
+                    best=best_state,
+                    history=history,
+                )
+            )
+
+    if resume is None:
+        validate(0)
+    name = type(learner).__name__
+    bar = tqdm(range(first, steps + 1), desc=name, disable=not progress, leave=False)
     for step in bar:
         metrics = learner.meta_train_step(sampler.sample(meta_batch).to(device))
-        history.add(step, {f"train/{name}": value for name, value in metrics.items()})
-        if step % val_every == 0 or step == steps:
+        if not math.isfinite(metrics["loss"]):
+            raise NonFiniteLoss(f"the training loss of {name} is {metrics['loss']} at step {step} of {steps}")
+        history.add(step, {f"train/{key}": value for key, value in metrics.items()})
+        validated = step % val_every == 0 or step == steps
+        if validated:
             validate(step)
             bar.set_postfix(val_acc=f"{history.best_val_acc:.3f}")
+        if validated or (checkpoint_every and step % checkpoint_every == 0):
+            checkpoint(step)
     learner.load_state_dict(best_state)
     return history

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import math
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,7 +14,9 @@ from prefect.artifacts import create_markdown_artifact
 
 from adaptflow.spec import StudySpec, flatten
 from tasks.evaluate import Evaluation
+from tasks.models import model_uri
 from tasks.plots import learning_curve
+from tasks.summary import interval_caption, summarise
 from tasks.tables import accuracy_table, to_markdown
 from tasks.tracking import StudyRun, log_file, log_flat, log_yaml, start_child_run
 from tasks.train import LearnerSetup, TrainedModel
@@ -52,8 +53,13 @@ def log_evaluation(
     shots: int,
     flow_run_id: str,
     cached: bool,
+    model_run_id: str,
 ) -> Result:
-    """A child run with the tags, params, metrics and artifacts a comparison needs."""
+    """A child run with the tags, params, metrics and artifacts a comparison needs.
+
+    Metrics come last: a run with `acc` has all its artifacts, and a run that fails on the way ends
+    FAILED. The weights stay in the model run (`model_run_id`, `model_uri` tags), stored once.
+    """
     name = f"{setup.label}·{target}·{shots}shot·seed{seed}"
     tags = {
         "kind": "evaluation",
@@ -67,36 +73,40 @@ def log_evaluation(
         "prefect_flow_run_id": flow_run_id,
         "reused_cached_results": str(cached).lower(),
         "model_selection": "best source-validation accuracy",
+        "episodes_digest": evaluation.episodes_digest,
+        "normalisation": setup.normalisation,
     }
     client = study.client
-    run_id = start_child_run(study, name, tags)
-    params = {**flatten(spec), **{f"hparams.{k}": v for k, v in setup.resolved_hparams().items()}}
-    log_flat(
-        client,
-        run_id,
-        params=params,
-        metrics={
-            "acc": evaluation.acc,
-            "acc_ci95": evaluation.acc_ci95,
-            "source_val_acc": trained.history.best_val_acc,
-            "best_step": trained.history.best_step,
-            "train_seconds": trained.seconds,
-            "eval_seconds": evaluation.seconds,
-        },
-        curves=trained.history.curves,
+    run_id = start_child_run(
+        study, name, {**tags, "model_run_id": model_run_id, "model_uri": model_uri(model_run_id)}
     )
-    log_yaml(client, run_id, spec.model_dump(mode="json"), "spec.yaml")
-    with tempfile.TemporaryDirectory() as folder:
-        weights = Path(folder) / "weights.pt"
-        torch.save(trained.state, weights)
-        log_file(client, run_id, weights)
-        episodes = Path(folder) / EPISODES_ARTIFACT
-        episodes.write_text(json.dumps(evaluation.accuracies.tolist()))
-        log_file(client, run_id, episodes)
-        curve = learning_curve(
-            trained.history.curves, trained.history.best_step, name, Path(folder) / "learning_curve.png"
+    try:
+        params = {**flatten(spec), **{f"hparams.{k}": v for k, v in setup.resolved_hparams().items()}}
+        log_flat(client, run_id, params=params, curves=trained.history.curves)
+        log_yaml(client, run_id, spec.model_dump(mode="json"), "spec.yaml")
+        with tempfile.TemporaryDirectory() as folder:
+            episodes = Path(folder) / EPISODES_ARTIFACT
+            episodes.write_text(json.dumps(evaluation.accuracies.tolist()))
+            log_file(client, run_id, episodes)
+            curve = learning_curve(
+                trained.history.curves, trained.history.best_step, name, Path(folder) / "learning_curve.png"
+            )
+            log_file(client, run_id, curve)
+        log_flat(
+            client,
+            run_id,
+            metrics={
+                "acc": evaluation.acc,
+                "acc_ci95": evaluation.acc_ci95,
+                "source_val_acc": trained.history.best_val_acc,
+                "best_step": trained.history.best_step,
+                "train_seconds": trained.seconds,
+                "eval_seconds": evaluation.seconds,
+            },
         )
-        log_file(client, run_id, curve)
+    except BaseException:
+        client.set_terminated(run_id, "FAILED")
+        raise
     client.set_terminated(run_id, "FINISHED")
     return Result(
         setup.label,
@@ -110,30 +120,6 @@ def log_evaluation(
         run_id,
         cached,
     )
-
-
-def summarise(runs: pd.DataFrame, by: list[str] | None = None) -> pd.DataFrame:
-    """Accuracy per group of runs (default algorithm x target x shots): the mean over all
-    episodes of all seeds, its 95% CI, and the spread of the per-seed means.
-
-    `runs` has one row per evaluation with `acc` and its per-episode `accuracies`.
-    """
-    by = by or ["algorithm", "target", "shots"]
-    rows = []
-    for key, members in runs.groupby(by, sort=False):
-        episodes = torch.cat(list(members.accuracies)).double()
-        seed_means = torch.tensor(list(members.acc), dtype=torch.float64)
-        rows.append(
-            {
-                **dict(zip(by, key)),
-                "acc": episodes.mean().item(),
-                "ci95": 1.96 * episodes.std().item() / math.sqrt(len(episodes)),
-                "seed_std": seed_means.std().item() if len(members) > 1 else 0.0,
-                "runs": len(members),
-                "episodes": len(episodes),
-            }
-        )
-    return pd.DataFrame(rows)
 
 
 def format_table(summary: pd.DataFrame, markdown: bool = False) -> str:
@@ -155,7 +141,7 @@ def report_study(study: StudyRun, spec: StudySpec, results: list[Result]) -> pd.
             log_file(study.client, study.run_id, path)
     caption = (
         f"{spec.episodes.ways}-way, {spec.episodes.queries} queries, {spec.episodes.eval_episodes} "
-        f"target episodes per seed, seeds {spec.seeds}: accuracy % ± 95% CI over all episodes."
+        f"target episodes per seed, seeds {spec.seeds}: {interval_caption(summary)}."
     )
     create_markdown_artifact(
         markdown=f"## {spec.name}\n\n{caption}\n\n{format_table(summary, markdown=True)}\n",

@@ -17,9 +17,15 @@ from metalib import EpisodeBatch, EpisodeSampler, TrainingHistory, algorithms, b
 from metalib.algorithms import Algorithm
 from metalib.device import resolve_device
 from metalib.seeding import derive_seed
+from metalib.training import NonFiniteLoss
 from tasks.artifacts import TrainingProgress
 from tasks.caching import stable_inputs
+from tasks.checkpoints import CheckpointStore
 from tasks.prepare import Pool, PreparedData
+
+# Steps between checkpoints, besides the one after each validation: a killed training loses at most
+# this many. A checkpoint of the demo's model is 3.8 MB (weights, Adam's moments, best weights).
+CHECKPOINT_EVERY = 100
 
 
 @dataclass(frozen=True)
@@ -71,6 +77,12 @@ class LearnerSetup:
         except (ValueError, TypeError) as exc:
             raise StudyError(f"algorithm {self.algorithm!r} on backbone {self.backbone!r}: {exc}") from None
 
+    @property
+    def normalisation(self) -> str:
+        """How the backbone normalises a query (metalib.backbones.normalisation): a run tag and part of
+        the comparison protocol, since it changes what a query's prediction may depend on."""
+        return backbones.normalisation(self.build().net)
+
     def resolved_hparams(self) -> dict[str, Any]:
         """Every hyperparameter, defaults included (for logging)."""
         return asdict(algorithms.make_hparams(self.algorithm, self.hparams))
@@ -78,11 +90,16 @@ class LearnerSetup:
 
 @dataclass(frozen=True)
 class TrainedModel:
-    """A trained learner's weights (at its best source-validation step) and its curves."""
+    """A trained learner's weights (at its best source-validation step) and its curves.
+
+    `seconds` is the training time of the execution that finished it, which trained the steps after
+    `resumed_from` (0: it started from scratch; else it went on from that step's checkpoint).
+    """
 
     state: dict[str, torch.Tensor]
     history: TrainingHistory
     seconds: float
+    resumed_from: int = 0
 
     def load(self, setup: LearnerSetup, device: torch.device) -> Algorithm:
         learner = setup.build()
@@ -124,6 +141,7 @@ def train_model(
     """Meta-trains on source episodes; keeps the weights with the best source-validation accuracy.
 
     Learners that adapt without labels (dann) also get one target domain's unlabelled rows.
+    Checkpoints go to the task's result storage, so a killed or retried run resumes where it stopped.
     """
     logger = get_run_logger()
     device = resolve_device(train.device)
@@ -132,6 +150,10 @@ def train_model(
     if unlabelled_target is not None:
         learner.set_unlabelled_target(unlabelled_target.to(device))
     sampler, validation = source_episodes(setup, source_train, source_val, shots, queries, train, seed)
+    checkpoints = CheckpointStore.of_current_task()
+    resume = checkpoints.load()
+    if resume is not None:
+        logger.info("%s seed %d: resuming from the checkpoint at step %d", setup.label, seed, resume.step)
     progress = TrainingProgress(train.steps, f"meta-training {setup.label}, seed {seed}, on {device}")
 
     def on_validate(step: int, acc: float) -> None:
@@ -146,16 +168,22 @@ def train_model(
         progress.update(step)
 
     started = time.perf_counter()
-    history = meta_train(
-        learner,
-        sampler,
-        steps=train.steps,
-        meta_batch=train.meta_batch,
-        validation=validation,
-        val_every=train.val_every,
-        device=device,
-        on_validate=on_validate,
-    )
+    try:
+        history = meta_train(
+            learner,
+            sampler,
+            steps=train.steps,
+            meta_batch=train.meta_batch,
+            validation=validation,
+            val_every=train.val_every,
+            device=device,
+            on_validate=on_validate,
+            checkpoint_every=CHECKPOINT_EVERY,
+            on_checkpoint=checkpoints.save,
+            resume=resume,
+        )
+    except NonFiniteLoss as exc:
+        raise NonFiniteLoss(f"{exc}; lower the learning rate (the entry's lr or train.lr)") from None
     seconds = time.perf_counter() - started
     logger.info(
         "%s seed %d: kept step %d (source validation accuracy %.3f), %.1f s on %s",
@@ -166,8 +194,12 @@ def train_model(
         seconds,
         device,
     )
-    state = {name: tensor.detach().cpu() for name, tensor in learner.state_dict().items()}
-    return TrainedModel(state=state, history=history, seconds=seconds)
+    state = {
+        name: value.detach().cpu() if torch.is_tensor(value) else value  # and extra state (dann's step)
+        for name, value in learner.state_dict().items()
+    }
+    checkpoints.remove()
+    return TrainedModel(state, history, seconds, resume.step if resume is not None else 0)
 
 
 @task(name="train-on-pool", tags=["cpu"])

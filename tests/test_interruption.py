@@ -50,7 +50,7 @@ def test_interrupted_run_keeps_finished_work_and_rerun_resumes(prefect_server: N
     assert 1 <= len(finished) < 16  # kept what it finished, and did not finish everything
     experiment_id = client.get_experiment_by_name("interrupted").experiment_id
     (interrupted,) = client.search_runs([experiment_id], "tags.kind = 'study'")
-    assert interrupted.info.status == "FAILED"
+    assert interrupted.info.status == "KILLED"
 
     assert main(["run", str(DEMO), *ARGS, "--tracking-uri", uri]) == 0
     latest = [

@@ -31,7 +31,7 @@ SMALL = [
 def runs_by_kind(client: MlflowClient, experiment_id: str) -> tuple[list[Run], list[Run]]:
     runs = client.search_runs([experiment_id], max_results=1000)
     parents = [run for run in runs if run.data.tags.get("kind") == "study"]
-    children = [run for run in runs if "mlflow.parentRunId" in run.data.tags]
+    children = [run for run in runs if run.data.tags.get("kind") == "evaluation"]
     return parents, children
 
 
@@ -67,6 +67,8 @@ def test_study_logs_a_parent_and_one_child_per_evaluation(
         tags, metrics, params = run.data.tags, run.data.metrics, run.data.params
         assert tags["mlflow.parentRunId"] == parent.info.run_id
         assert tags["source_domains"] == "amazon,caltech" and tags["ways"] == "5"
+        assert tags["normalisation"] == "none"  # the demo's mlp has no BatchNorm
+        assert len(tags["episodes_digest"]) == 64
         assert tags["prefect_flow_run_id"] == parent.data.tags["prefect_flow_run_id"]
         assert 0.0 < metrics["acc"] <= 1.0 and metrics["acc_ci95"] > 0
         assert 0.2 < metrics["source_val_acc"] <= 1.0
@@ -75,7 +77,8 @@ def test_study_logs_a_parent_and_one_child_per_evaluation(
         loss = client.get_metric_history(run.info.run_id, "train/loss")
         assert sorted(point.step for point in loss) == list(range(1, 21))
         artifacts = {item.path for item in client.list_artifacts(run.info.run_id)}
-        assert {"weights.pt", "learning_curve.png", "spec.yaml"} <= artifacts
+        assert {"episode_accuracies.json", "learning_curve.png", "spec.yaml"} <= artifacts
+        assert tags["model_uri"] == f"runs:/{tags['model_run_id']}/weights.pt"  # stored once, there
     finetune = [run for run in children if run.data.tags["algorithm"] == "finetune"]
     assert all(run.data.params["hparams.adapt_steps"] == "20" for run in finetune)
 

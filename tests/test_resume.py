@@ -1,0 +1,163 @@
+"""A training resumes from its checkpoints exactly: inside metalib for every learner, and a study whose
+process is SIGKILLed mid-training goes on from the last checkpoint when it is run again."""
+
+from __future__ import annotations
+
+import functools
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import mlflow
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+
+from adaptflow.cli import main
+from adaptflow.spec import load_spec
+from metalib import EpisodeSampler, algorithms, backbones
+from metalib.training import Checkpoint, NonFiniteLoss, TrainingHistory, meta_train
+from tasks.prepare import PreparedData, prepare
+from tests.conftest import DEMO, ROOT, cli_overrides, stop
+
+
+@functools.cache
+def office() -> PreparedData:
+    spec = load_spec(DEMO, [])
+    return prepare(spec.data, spec.source, spec.target)
+
+
+def train(
+    name: str, *, resume: Checkpoint | None = None, keep: list[bytes] | None = None, lr: float = 1e-3
+) -> tuple[dict[str, torch.Tensor], TrainingHistory]:
+    """A short training on real features, built and seeded the same way each time."""
+    data = office()
+    torch.manual_seed(0)
+    net = backbones.create("mlp", ways=5, input_shape=data.input_shape, hidden=[32])
+    learner = algorithms.create(name, net, ways=5, num_classes=len(data.class_names), lr=lr)
+    if learner.uses_unlabelled_target:
+        learner.set_unlabelled_target(data.targets["webcam"].x[:40])
+    pool, held = data.source_train, data.source_val
+    history = meta_train(
+        learner,
+        EpisodeSampler(pool.x, pool.y, 5, 1, 2, seed=1),
+        steps=4,
+        meta_batch=2,
+        validation=EpisodeSampler(held.x, held.y, 5, 1, 2, seed=2).sample(1),
+        val_every=3,
+        progress=False,
+        checkpoint_every=1,
+        on_checkpoint=None if keep is None else lambda checkpoint: keep.append(checkpoint.to_bytes()),
+        resume=resume,
+    )
+    return learner.state_dict(), history
+
+
+@pytest.mark.parametrize("name", algorithms.names())
+def test_a_resumed_training_ends_bit_for_bit_where_an_uninterrupted_one_does(name: str) -> None:
+    checkpoints: list[bytes] = []
+    weights, history = train(name, keep=checkpoints)
+    assert [Checkpoint.from_bytes(data).step for data in checkpoints] == [1, 2, 3, 4]
+    # from between validations: optimiser, generators, best weights so far and history all restored
+    resumed, resumed_history = train(name, resume=Checkpoint.from_bytes(checkpoints[0]))
+    assert resumed.keys() == weights.keys()
+    for key, value in weights.items():  # tensors, and a learner's extra state (dann's warm-up step)
+        assert torch.equal(resumed[key], value) if torch.is_tensor(value) else resumed[key] == value, key
+    assert resumed_history == history  # the same curves, each step once
+
+
+def test_a_nan_loss_stops_the_training_naming_the_learner_and_the_step() -> None:
+    with pytest.raises(NonFiniteLoss, match=r"loss of ProtoNet is nan at step 2 of 4"):
+        train("protonet", lr=1e30)
+
+
+def checkpoint_steps(storage: Path) -> list[int]:
+    steps = []
+    for path in storage.glob("*.checkpoint"):
+        try:
+            steps.append(Checkpoint.from_bytes(path.read_bytes()).step)
+        except Exception:  # renamed over while being read
+            continue
+    return steps
+
+
+@pytest.mark.slow
+def test_a_sigkilled_study_resumes_its_training_and_ends_its_stale_run(
+    prefect_server: None, tmp_path: Path
+) -> None:
+    """SIGKILL the study process once a checkpoint exists; the rerun trains only the steps after it, ends
+    the dead study's parent run KILLED, and gives the weights and metrics of an uninterrupted training."""
+    from prefect.settings import (
+        PREFECT_API_URL,
+        PREFECT_RESULTS_LOCAL_STORAGE_PATH,
+        PREFECT_TASKS_REFRESH_CACHE,
+        temporary_settings,
+    )
+
+    storage = tmp_path / "results"
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    args = [
+        "run", str(DEMO), "--tracking-uri", uri,
+        *cli_overrides(
+            "name=killed", "train.steps=300", "train.val_every=100", "train.meta_batch=2",
+            "train.val_episodes=5", "episodes.eval_episodes=10", "episodes.shots=[1]", "target=[webcam]",
+            "seeds=[0]",
+            "algorithms=[{name: protonet}]",
+        ),
+    ]  # fmt: skip
+    # the session's Prefect server, and result storage of this test's own
+    env = {
+        **os.environ,
+        "PREFECT_API_URL": PREFECT_API_URL.value(),
+        "PREFECT_RESULTS_LOCAL_STORAGE_PATH": str(storage),
+    }
+    process = subprocess.Popen(
+        [sys.executable, "-m", "adaptflow.cli", *args], cwd=ROOT, env=env, start_new_session=True,
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    deadline = time.time() + 240
+    try:
+        while not any(step >= 100 for step in checkpoint_steps(storage)):
+            assert process.poll() is None, "the study ended before it could be killed"
+            assert time.time() < deadline, "no checkpoint was written in time"
+            time.sleep(0.05)
+        os.killpg(process.pid, signal.SIGKILL)  # SIGKILL: nothing in the process can clean up
+        process.wait(10)
+    finally:
+        stop(process, grace=1)
+    (killed_at,) = checkpoint_steps(storage)
+    assert 100 <= killed_at < 300
+
+    client = MlflowClient(tracking_uri=uri)
+    experiment = client.get_experiment_by_name("killed").experiment_id
+    (dead,) = client.search_runs([experiment], "tags.kind = 'study'")
+    assert dead.info.status == "RUNNING"  # what SIGKILL leaves behind
+
+    with temporary_settings(updates={PREFECT_RESULTS_LOCAL_STORAGE_PATH: storage}):
+        assert main(args) == 0
+        assert not checkpoint_steps(storage)  # done: the checkpoint is gone, the result is cached
+        with temporary_settings(updates={PREFECT_TASKS_REFRESH_CACHE: True}):
+            assert main(args) == 0  # the uninterrupted reference: trained again from step 0
+
+    assert client.get_run(dead.info.run_id).info.status == "KILLED"
+    # one model run: the reference's weights have the digest of the resumed ones, bit for bit
+    models = client.search_runs([experiment], "tags.kind = 'model'")
+    assert [run.data.tags["resumed_from_step"] for run in models] == [str(killed_at)]
+    children = client.search_runs(
+        [experiment], "tags.kind = 'evaluation'", order_by=["attributes.start_time"]
+    )
+    resumed, reference = children
+
+    def results(run: mlflow.entities.Run) -> dict[str, float]:
+        return {key: value for key, value in run.data.metrics.items() if not key.endswith("_seconds")}
+
+    assert results(resumed) == results(reference) and "acc" in results(resumed)
+    for run in children:
+        assert run.data.tags["model_run_id"] == models[0].info.run_id
+        steps = [point.step for point in client.get_metric_history(run.info.run_id, "train/loss")]
+        assert steps == list(range(1, 301))  # every step once, none twice
+    weights = mlflow.artifacts.download_artifacts(resumed.data.tags["model_uri"], tracking_uri=uri)
+    assert Path(weights).is_file()
