@@ -64,7 +64,8 @@ def main(argv: list[str] | None = None) -> int:
     compare.add_argument(
         "--per-seed",
         action="store_true",
-        help="one column per seed too: each seed's mean per cell, to see the spread behind the intervals",
+        help="group by seed as well: each seed's mean per cell with its episode interval (instead of "
+        "the seed-aware interval), to see the spread behind the intervals",
     )
     compare.add_argument("--baseline", default="finetune", help="algorithm the others are tested against")
     compare.add_argument(

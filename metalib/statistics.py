@@ -60,7 +60,8 @@ def mean_ci95(accuracies: Accuracies) -> tuple[float, float]:
     return float(values.mean()), episode_half_width(values)
 
 
-def _t_interval(values: np.ndarray, confidence: float) -> float:
+def t_half_width(values: np.ndarray, confidence: float = 0.95) -> float:
+    """Half-width of the t interval of the mean of `values` (nan for fewer than 2)."""
     if len(values) < 2:
         return float("nan")
     return float(
@@ -81,7 +82,7 @@ def seed_interval(per_seed: Sequence[Accuracies], confidence: float = 0.95) -> I
     means = np.array([np.mean(episodes) for episodes in per_seed], dtype=np.float64)
     if len(means) == 1:
         return Interval(float(means[0]), episode_half_width(per_seed[0], confidence), ONE_SEED_METHOD, 1)
-    return Interval(float(means.mean()), _t_interval(means, confidence), SEED_METHOD, len(means))
+    return Interval(float(means.mean()), t_half_width(means, confidence), SEED_METHOD, len(means))
 
 
 def paired_difference(
@@ -103,9 +104,9 @@ def paired_difference(
     values = np.array(differences)
     seeds = len(values)
     if seeds < MIN_SEEDS_TO_TEST:
-        return PairedTest(float(values.mean()), _t_interval(values, confidence), None, seeds, PAIRED_METHOD)
+        return PairedTest(float(values.mean()), t_half_width(values, confidence), None, seeds, PAIRED_METHOD)
     return PairedTest(
-        float(values.mean()), _t_interval(values, confidence), one_sample_p(values), seeds, PAIRED_METHOD
+        float(values.mean()), t_half_width(values, confidence), one_sample_p(values), seeds, PAIRED_METHOD
     )
 
 

@@ -31,6 +31,7 @@ from metalib.statistics import (
     holm,
     one_sample_p,
     paired_difference,
+    t_half_width,
     tied_ranks,
     wilcoxon_p,
 )
@@ -214,13 +215,12 @@ def paired_tests(
         seeds = sorted(set.intersection(*(set(values) for values in per_seed_cell.values())))
         overall = np.array([np.mean([values[seed] for values in per_seed_cell.values()]) for seed in seeds])
         differences = [value for values in per_seed_cell.values() for value in values.values()]
-        half_width = paired_difference([[value] for value in overall], [[0.0] for _ in overall]).half_width
         overall_rows.append(
             {
                 "algorithm": algorithm,
                 "baseline": baseline,
                 "difference": float(overall.mean()) if len(overall) else float("nan"),
-                "ci95": half_width if len(overall) else float("nan"),
+                "ci95": t_half_width(overall),
                 "p_value": one_sample_p(overall) if len(overall) >= MIN_SEEDS_TO_TEST else None,
                 "wilcoxon_p": wilcoxon_p(differences),
                 "seeds": len(seeds),
@@ -290,7 +290,8 @@ def rank_algorithms(runs: pd.DataFrame) -> tuple[pd.DataFrame, Friedman | None, 
         table,
         test,
         (
-            f"Friedman test over {test.cells} cells: chi2 = {test.statistic:.2f}, p = {test.p_value:.3g}; "
+            f"Friedman test over {test.cells} cells (they share their trained models: descriptive): "
+            f"chi2 = {test.statistic:.2f}, p = {test.p_value:.3g}; "
             f"Nemenyi critical difference of mean ranks (alpha {ALPHA}) = {test.critical_difference:.2f}"
         ),
     )
@@ -298,8 +299,8 @@ def rank_algorithms(runs: pd.DataFrame) -> tuple[pd.DataFrame, Friedman | None, 
 
 def _standard_error(row: pd.Series) -> float:
     """The standard error of a summary row's mean: of its seed means, or of one seed's episodes."""
-    if row.runs > 1:
-        return row.seed_std / np.sqrt(row.runs)
+    if row.seeds > 1:
+        return row.seed_std / np.sqrt(row.seeds)
     return row.ci95 / stats.norm.ppf(0.975)
 
 
@@ -342,7 +343,8 @@ def render(comparison: Comparison, fmt: str = "table") -> str:
     notes = [
         f"Intervals: {interval_caption(comparison.summary).removeprefix('accuracy % ± 95% CI, ')}.",
         f"vs baseline {comparison.baseline}: {PAIRED_METHOD} on the same seeds and episodes (checked by "
-        f"digest); Wilcoxon signed-rank over (seed, target, shots) cells; Holm-Bonferroni over all {tests} "
+        f"digest); Wilcoxon signed-rank over (seed, target, shots) cells, a check only (a seed's cells share "
+        f"one trained model); Holm-Bonferroni over all {tests} "
         f"p-values of this table (Wilcoxon column shown corrected); W/T/L counts cells significantly better, "
         f"not significant, worse after correction at alpha {ALPHA}; fewer than {MIN_SEEDS_TO_TEST} shared "
         "seeds: no test.",

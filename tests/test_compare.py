@@ -22,7 +22,7 @@ from scipy import stats
 from adaptflow.cli import main
 from adaptflow.errors import StudyError
 from flows.compare import compare_flow
-from tasks.compare import compare, render
+from tasks.compare import compare, paired_tests, render
 from tasks.tables import accuracy_table
 from tests.conftest import DEMO, TINY_TRAINING, cli_overrides, stop
 
@@ -123,11 +123,13 @@ def test_too_few_seeds_to_test(experiment: Experiment) -> None:
     client, _ = experiment
     comparison = compare(client, "compare-test", baseline="finetune")
     two_seeds = comparison.runs[comparison.runs.seed < 2]
-    from tasks.compare import paired_tests
-
     paired, cells = paired_tests(two_seeds, "finetune")
     assert paired.p_value.isna().all() and cells.p_value.isna().all()
     assert set(paired.win_tie_loss) == {"too few seeds"}
+    disjoint = comparison.runs[(comparison.runs.target == "dslr") == (comparison.runs.seed < 2)]
+    paired, _ = paired_tests(disjoint, "finetune")  # no seed is in every cell: no overall test, no crash
+    assert (paired.seeds == 0).all() and paired.p_value.isna().all() and paired.ci95.isna().all()
+    paired, cells = paired_tests(two_seeds, "finetune")
     assert "too few seeds to test" in render(
         dataclasses.replace(comparison, paired=paired, paired_cells=cells), "table"
     )
@@ -154,6 +156,7 @@ def test_formats_mark_the_best_and_average_over_targets(experiment: Experiment) 
     assert len(csv_text.strip().splitlines()) == 1 + 3 * 2 * 2
     by_shots = compare(client, "compare-test", by=["algorithm", "shots"]).summary
     assert len(by_shots) == 3 * 2 and set(by_shots.runs) == {6}  # 2 targets x 3 seeds
+    assert set(by_shots.seeds) == {3}  # a seed's runs on two targets are one replicate, not two
     per_seed = compare(client, "compare-test", by=["algorithm", "target", "shots", "seed"])
     assert len(per_seed.summary) == 3 * 2 * 2 * 3 and set(per_seed.summary.runs) == {1}
     assert "seed=2" in render(per_seed, "table")

@@ -86,7 +86,8 @@ def minilm() -> str:
     return str(Path(package.origin).parent / "model")
 
 
-def test_hf_encoder_protonet_trains_and_evaluates_offline(minilm: str) -> None:
+@pytest.mark.parametrize("algorithm", ["protonet", "maml"])  # maml: its batched adaptation cannot vmap it
+def test_hf_encoder_learners_train_and_evaluate_offline(minilm: str, algorithm: str) -> None:
     raw = {
         "name": "hf",
         "data": {
@@ -99,7 +100,7 @@ def test_hf_encoder_protonet_trains_and_evaluates_offline(minilm: str) -> None:
         "target": ["kitchen"],
         "episodes": {"ways": 2, "shots": 1, "queries": 3},
         "backbone": {"name": "hf_encoder", "model": minilm},
-        "algorithms": [{"name": "protonet"}],
+        "algorithms": [{"name": algorithm}],
     }
     spec = load_spec(raw)
     assert spec.data.tokenizer == minilm  # token ids come from the encoder's own tokenizer

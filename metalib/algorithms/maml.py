@@ -124,7 +124,10 @@ class MAML(Algorithm):
         return predict
 
     def adapt_batch(self, support_x: torch.Tensor, support_y: torch.Tensor) -> BatchPredictor:
-        """`adapt`'s inner loop vmapped over the chunk's episodes, each with its own fast weights."""
+        """`adapt`'s inner loop vmapped over the chunk's episodes, each with its own fast weights; episode
+        by episode with `execution: loop | compile`, or where the encoder cannot run under vmap."""
+        if self.hparams.execution in ("loop", "compile") or not getattr(self.net.encoder, "vmappable", True):
+            return super().adapt_batch(support_x, support_y)
         self.eval()
         params = {name: p.detach() for name, p in self.params().items()}
 

@@ -44,6 +44,8 @@ class HFEncoder(nn.Module):
     still has something to meta-learn.
     """
 
+    vmappable = False  # attention has data-dependent control flow, which torch.func.vmap refuses
+
     def __init__(self, model: str, freeze: bool = True) -> None:
         super().__init__()
         self.model = _transformers().AutoModel.from_pretrained(model)
