@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import torch
 from prefect import task
 
-from metalib import EpisodeSampler, evaluate, mean_ci95
+from metalib import EpisodeSampler, backbones, evaluate, mean_ci95
 from metalib.device import resolve_device
 from tasks.caching import stable_inputs
 from tasks.prepare import Pool
@@ -21,7 +21,8 @@ class Evaluation:
     """Per-episode accuracies on one target domain at one shot count, and their summary.
 
     `episodes_digest` fingerprints the target rows (by content) of every support and query set, so a
-    paired comparison can check that two evaluations met the same episodes instead of assuming it.
+    paired comparison can check that two evaluations met the same episodes instead of assuming it;
+    `normalisation` says how the network normalised a query (metalib.backbones.normalisation).
     """
 
     accuracies: torch.Tensor
@@ -29,6 +30,7 @@ class Evaluation:
     acc_ci95: float
     seconds: float
     episodes_digest: str
+    normalisation: str
 
 
 @task(name="evaluate", cache_policy=stable_inputs(), persist_result=True)
@@ -56,4 +58,7 @@ def evaluate_model(
     digest = hashlib.sha256(target.x.contiguous().cpu().numpy().tobytes())
     digest.update(target.y.cpu().numpy().tobytes())
     digest.update(sampler.digest().encode())
-    return Evaluation(accuracies, acc, ci95, time.perf_counter() - started, digest.hexdigest())
+    seconds = time.perf_counter() - started
+    return Evaluation(
+        accuracies, acc, ci95, seconds, digest.hexdigest(), backbones.normalisation(learner.net)
+    )

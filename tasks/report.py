@@ -74,7 +74,7 @@ def log_evaluation(
         "reused_cached_results": str(cached).lower(),
         "model_selection": "best source-validation accuracy",
         "episodes_digest": evaluation.episodes_digest,
-        "normalisation": setup.normalisation,
+        "normalisation": evaluation.normalisation,
     }
     client = study.client
     run_id = start_child_run(

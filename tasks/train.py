@@ -77,12 +77,6 @@ class LearnerSetup:
         except (ValueError, TypeError) as exc:
             raise StudyError(f"algorithm {self.algorithm!r} on backbone {self.backbone!r}: {exc}") from None
 
-    @property
-    def normalisation(self) -> str:
-        """How the backbone normalises a query (metalib.backbones.normalisation): a run tag and part of
-        the comparison protocol, since it changes what a query's prediction may depend on."""
-        return backbones.normalisation(self.build().net)
-
     def resolved_hparams(self) -> dict[str, Any]:
         """Every hyperparameter, defaults included (for logging)."""
         return asdict(algorithms.make_hparams(self.algorithm, self.hparams))
