@@ -13,6 +13,7 @@ from typing import Any
 
 from metalib.algorithms.base import REGISTRY, Algorithm, HParams
 from metalib.backbones import Classifier
+from metalib.search_space import SearchSpace
 
 
 def create(
@@ -36,6 +37,11 @@ def make_hparams(name: str, values: dict[str, Any]) -> HParams:
     return hparams_cls(**values)
 
 
+def search_space(name: str) -> SearchSpace:
+    """Where a hyperparameter search of learner `name` looks by default."""
+    return dict(REGISTRY.get(name).SEARCH_SPACE)
+
+
 def names() -> list[str]:
     return REGISTRY.names()
 
@@ -55,4 +61,4 @@ from metalib.algorithms import (  # noqa: E402,F401
     source_only,
 )
 
-__all__ = ["Algorithm", "HParams", "create", "make_hparams", "names"]
+__all__ = ["Algorithm", "HParams", "create", "make_hparams", "names", "search_space"]

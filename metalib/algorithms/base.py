@@ -13,6 +13,7 @@ from torch import nn
 from metalib.backbones import Classifier
 from metalib.episodes import EpisodeBatch
 from metalib.registry import Registry
+from metalib.search_space import LEARNING_RATE, SearchSpace
 
 Predictor = Callable[[torch.Tensor], torch.Tensor]  # one episode: query_x [Q, ...] -> logits [Q, ways]
 BatchPredictor = Callable[[torch.Tensor], torch.Tensor]  # T episodes: query_x [T, Q, ...] -> [T, Q, ways]
@@ -30,6 +31,8 @@ class Algorithm(nn.Module, ABC):
     episodes at once (`adapt_batch`, with the same results: each episode's computation stays its own)."""
 
     HParams: ClassVar[type[HParams]] = HParams
+    # Where a hyperparameter search looks by default (metalib/search_space.py); defaults lie inside.
+    SEARCH_SPACE: ClassVar[SearchSpace] = LEARNING_RATE
     # True for unsupervised domain adaptation: the learner is handed unlabelled target rows
     # (never the evaluation rows) through `set_unlabelled_target` before meta-training.
     uses_unlabelled_target: ClassVar[bool] = False

@@ -16,6 +16,7 @@ from metalib.algorithms.base import REGISTRY
 from metalib.algorithms.blocks import CosineClassifier
 from metalib.algorithms.finetune import FineTune
 from metalib.backbones import Classifier
+from metalib.search_space import FloatRange
 
 
 @REGISTRY.register("baseline_pp")
@@ -23,6 +24,8 @@ class BaselinePP(FineTune):
     @dataclass
     class HParams(FineTune.HParams):
         scale: float = 10.0  # cosine similarities are multiplied by this to give logits
+
+    SEARCH_SPACE = {**FineTune.SEARCH_SPACE, "scale": FloatRange(2.0, 30.0, log=True)}
 
     def __init__(self, net: Classifier, *, ways: int, num_classes: int, hparams: HParams) -> None:
         super().__init__(net, ways=ways, num_classes=num_classes, hparams=hparams)

@@ -21,6 +21,7 @@ from metalib.algorithms.base import REGISTRY
 from metalib.algorithms.blocks import EpisodicLearner
 from metalib.algorithms.prototypes import class_means
 from metalib.backbones import Classifier, episode_forward
+from metalib.search_space import LEARNING_RATE, Choice
 
 
 @REGISTRY.register("cnp")
@@ -29,6 +30,8 @@ class CNP(EpisodicLearner):
     class HParams(base.HParams):
         aggregate: str = "class"  # "class": one mean per class; "mean": one mean over the support set
         hidden: int = 128  # width of the pair encoder and the decoder
+
+    SEARCH_SPACE = {**LEARNING_RATE, "hidden": Choice((64, 128, 256))}
 
     def __init__(self, net: Classifier, *, ways: int, num_classes: int, hparams: HParams) -> None:
         super().__init__(net, ways=ways, num_classes=num_classes, hparams=hparams)

@@ -23,6 +23,7 @@ from metalib.algorithms.blocks import labelled_rows
 from metalib.algorithms.source_only import SourceOnly
 from metalib.backbones import Classifier
 from metalib.episodes import EpisodeBatch
+from metalib.search_space import LEARNING_RATE, FloatRange
 
 
 class _ReverseGradient(torch.autograd.Function):
@@ -50,6 +51,8 @@ class DANN(SourceOnly):
         domain_weight: float = 1.0  # final weight of the reversed gradient
         warmup_steps: int = 500  # the weight ramps up as 2 / (1 + exp(-10 p)) - 1, p = step / warmup_steps
         discriminator_hidden: int = 128
+
+    SEARCH_SPACE = {**LEARNING_RATE, "domain_weight": FloatRange(0.01, 3.0, log=True)}
 
     def __init__(self, net: Classifier, *, ways: int, num_classes: int, hparams: HParams) -> None:
         super().__init__(net, ways=ways, num_classes=num_classes, hparams=hparams)

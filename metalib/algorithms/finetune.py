@@ -12,6 +12,7 @@ from metalib.algorithms.base import REGISTRY, BatchPredictor
 from metalib.algorithms.blocks import StackedLinear, embed_episodes, fit_heads
 from metalib.algorithms.source_only import SourceOnly
 from metalib.backbones import episode_forward
+from metalib.search_space import LEARNING_RATE, FloatRange, IntRange
 
 
 @REGISTRY.register("finetune")
@@ -21,6 +22,13 @@ class FineTune(SourceOnly):
         adapt_steps: int = 100  # full-batch optimizer steps on the support set
         adapt_lr: float = 0.01
         adapt_weight_decay: float = 0.001
+
+    SEARCH_SPACE = {
+        **LEARNING_RATE,
+        "adapt_lr": FloatRange(1e-3, 1e-1, log=True),
+        "adapt_steps": IntRange(10, 300, log=True),
+        "adapt_weight_decay": FloatRange(1e-5, 1e-1, log=True),
+    }
 
     def new_heads(self, tasks: int) -> nn.Module:
         """Fresh heads, one per episode: [T, S, embed_dim] -> [T, S, ways]."""

@@ -25,6 +25,7 @@ from metalib.algorithms import base
 from metalib.algorithms.base import REGISTRY
 from metalib.algorithms.blocks import EpisodicLearner
 from metalib.backbones import Classifier, episode_forward
+from metalib.search_space import LEARNING_RATE, FloatRange, IntRange
 
 
 @REGISTRY.register("lstm_meta")
@@ -34,6 +35,12 @@ class LSTMMeta(EpisodicLearner):
         inner_steps: int = 5  # learner updates per episode, in training and at adaptation
         initial_step_size: float = 0.1  # input gate at the start of meta-training
         initial_forget: float = 0.99  # forget gate at the start: close to 1, little decay
+
+    SEARCH_SPACE = {
+        **LEARNING_RATE,
+        "inner_steps": IntRange(1, 10),
+        "initial_step_size": FloatRange(0.01, 1.0, log=True),
+    }
 
     def __init__(self, net: Classifier, *, ways: int, num_classes: int, hparams: HParams) -> None:
         super().__init__(net, ways=ways, num_classes=num_classes, hparams=hparams)

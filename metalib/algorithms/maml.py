@@ -19,6 +19,7 @@ from metalib.algorithms.base import REGISTRY, Algorithm, BatchPredictor, Predict
 from metalib.backbones import Classifier
 from metalib.episodes import EpisodeBatch
 from metalib.functional import Params
+from metalib.search_space import LEARNING_RATE, FloatRange, IntRange
 
 OUTER_OPTIMIZERS = {"adam": torch.optim.Adam, "sgd": torch.optim.SGD}
 
@@ -41,6 +42,13 @@ class MAML(Algorithm):
     class HParams(InnerLoopHParams):
         first_order: bool = False
         outer_optimizer: str = "adam"  # or "sgd"; its learning rate is `lr`
+
+    SEARCH_SPACE = {
+        **LEARNING_RATE,
+        "inner_lr": FloatRange(0.01, 1.0, log=True),
+        "inner_steps": IntRange(1, 5),
+        "inner_steps_eval": IntRange(1, 20),
+    }
 
     def __init__(self, net: Classifier, *, ways: int, num_classes: int, hparams: InnerLoopHParams) -> None:
         super().__init__(net, ways=ways, num_classes=num_classes, hparams=hparams)

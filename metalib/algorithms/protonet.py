@@ -11,6 +11,7 @@ from metalib.algorithms.base import REGISTRY
 from metalib.algorithms.blocks import EpisodicLearner
 from metalib.algorithms.prototypes import class_means, distance_logits
 from metalib.backbones import episode_forward
+from metalib.search_space import LEARNING_RATE, Choice
 
 
 @REGISTRY.register("protonet")
@@ -22,6 +23,8 @@ class ProtoNet(EpisodicLearner):
         def __post_init__(self) -> None:
             if self.distance not in ("euclidean", "cosine"):
                 raise ValueError(f"protonet distance must be 'euclidean' or 'cosine', not {self.distance!r}")
+
+    SEARCH_SPACE = {**LEARNING_RATE, "distance": Choice(("euclidean", "cosine"))}
 
     fixed_ways = False
 

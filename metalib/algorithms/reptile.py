@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from metalib.algorithms.base import REGISTRY
 from metalib.algorithms.maml import MAML, InnerLoopHParams
 from metalib.functional import Params
+from metalib.search_space import FloatRange, IntRange
 
 
 @REGISTRY.register("reptile")
@@ -25,6 +26,13 @@ class Reptile(MAML):
         inner_lr: float = 0.1
         inner_steps: int = 5
         epsilon: float = 0.5  # outer interpolation step towards the adapted weights
+
+    # no `lr`: the outer step is the interpolation `epsilon`
+    SEARCH_SPACE = {
+        "inner_lr": FloatRange(0.01, 1.0, log=True),
+        "inner_steps": IntRange(1, 10),
+        "epsilon": FloatRange(0.1, 1.0),
+    }
 
     @property
     def optimizer(self) -> torch.optim.Optimizer:
