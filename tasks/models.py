@@ -16,7 +16,7 @@ import torch
 from prefect import task
 
 from tasks.caching import stable_token
-from tasks.tracking import StudyRun, log_file, start_child_run
+from tasks.tracking import TRANSIENT_RETRIES, StudyRun, log_file, start_child_run
 from tasks.train import LearnerSetup, TrainedModel
 
 WEIGHTS = "weights.pt"
@@ -36,7 +36,7 @@ def model_name(setup: LearnerSetup, seed: int, target: str | None) -> str:
     return "·".join([setup.label, *([target] if target else []), f"seed{seed}", "model"])
 
 
-@task(name="log-model", tags=["cpu"])
+@task(name="log-model", tags=["cpu"], **TRANSIENT_RETRIES)
 def log_model(
     study: StudyRun, setup: LearnerSetup, trained: TrainedModel, seed: int, target: str | None
 ) -> str:
@@ -69,7 +69,7 @@ def log_model(
     return run_id
 
 
-@task(name="log-failed-training", tags=["cpu"])
+@task(name="log-failed-training", tags=["cpu"], **TRANSIENT_RETRIES)
 def log_failed_training(
     study: StudyRun, setup: LearnerSetup, seed: int, target: str | None, error: str
 ) -> str:

@@ -3,6 +3,8 @@
 Uses MlflowClient with explicit run ids, so it works from any thread or worker, and sends
 metrics in batches (one call per 1,000 values, not one per value). Every param, tag and
 spec.yaml goes through `adaptflow.redact`: no password, token or signature reaches MLflow.
+A study checks its tracking server before it starts; the tasks that log retry transient errors
+(TRANSIENT_RETRIES), and a retried task replaces, not duplicates, the run its failed attempt left.
 """
 
 from __future__ import annotations
@@ -14,17 +16,31 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import requests
 import yaml
 from filelock import FileLock
 from mlflow.entities import DatasetInput, InputTag, Metric, Param, RunTag
-from mlflow.exceptions import MlflowException
+from mlflow.exceptions import MlflowException, RestException
 from mlflow.tracking import MlflowClient
+from mlflow.utils.credentials import get_default_host_creds
+from mlflow.utils.rest_utils import http_request
+from prefect import Task
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.objects import State, TaskRun
+from prefect.runtime import flow_run, task_run
+from prefect.tasks import exponential_backoff
 
-from adaptflow.redact import redact, redact_value
+from adaptflow.errors import StudyError
+from adaptflow.redact import has_secret, redact, redact_value
+from adaptflow.settings import default_tracking_uri
 from adaptflow.spec import DataSpec, DomainSource, StudySpec, flatten
 
 MAX_PARAM_LENGTH = 6000  # MLflow's limits on a param's value and on any key
 MAX_KEY_LENGTH = 250
+# The start-of-study check answers in seconds: MLflow's own client retries 7 times over minutes.
+REACH_TIMEOUT_SECONDS = 5
+REACH_RETRIES = 1
+TASK_RUN_TAG = "prefect_task_run_id"  # the Prefect task run that logged a run: its retries find it
 
 
 @dataclass(frozen=True)
@@ -38,6 +54,108 @@ class StudyRun:
     @property
     def client(self) -> MlflowClient:
         return MlflowClient(tracking_uri=self.tracking_uri)
+
+
+def tracking_store(tracking_uri: str | None) -> str:
+    """The study's tracking URI, checked before anything is prepared or trained.
+
+    A credential in the `tracking_uri` flow parameter is masked in the flow run Prefect stored (the
+    value is still used to connect); a retry of that flow run from Prefect then lacks it, so the
+    URI belongs in MLFLOW_TRACKING_URI on the worker instead (docs/reliability.md).
+    """
+    if tracking_uri and has_secret(tracking_uri) and flow_run.id:
+        with get_client(sync_client=True) as client:
+            stored = client.read_flow_run(flow_run.id).parameters
+            client.update_flow_run(flow_run.id, parameters={**stored, "tracking_uri": redact(tracking_uri)})
+    uri = tracking_uri or default_tracking_uri()
+    check_reachable(uri)
+    return uri
+
+
+def check_reachable(tracking_uri: str) -> None:
+    """Raises StudyError, naming the URI with credentials masked, unless an HTTP tracking server answers.
+
+    Without it a study whose server is down would prepare its data, then hang in MLflow's retries.
+    Any answer below 500 (an auth error too) means the server is up. Local stores need no check.
+    """
+    if not tracking_uri.startswith(("http://", "https://")):
+        return
+    try:
+        response = http_request(
+            get_default_host_creds(tracking_uri),
+            "/api/2.0/mlflow/experiments/search",
+            "GET",
+            max_retries=REACH_RETRIES,
+            backoff_factor=1,
+            timeout=REACH_TIMEOUT_SECONDS,
+            raise_on_status=False,
+            params={"max_results": 1},
+        )
+    except MlflowException as exc:
+        reason = _connection_failure(exc)
+    else:
+        if response.status_code < 500:
+            return
+        reason = f"it answered HTTP {response.status_code} {response.reason}"
+    raise StudyError(
+        f"the MLflow tracking server {tracking_uri} cannot be reached ({reason}); nothing was run. "
+        "Start it, or point --tracking-uri / MLFLOW_TRACKING_URI at a running server (unset, a local "
+        "sqlite store is used), then run the study again."
+    )
+
+
+def _connection_failure(error: MlflowException) -> str:
+    """The socket-level reason behind MLflow's 'API request ... failed with exception ...'."""
+    cause = error.__cause__ or error.__context__ or error
+    while cause.args and isinstance(getattr(cause.args[0], "reason", None), BaseException):
+        cause = cause.args[0].reason  # requests' ConnectionError -> urllib3's MaxRetryError -> its reason
+    return str(cause).split("): ", 1)[-1]  # without urllib3's "HTTPConnection(host=..., port=...): "
+
+
+def is_transient(error: BaseException) -> bool:
+    """A failure worth retrying: no connection, a timeout, HTTP 429 or 5xx, a locked sqlite database.
+
+    Anything else (a bad parameter, a missing run, a full disk) fails the same way again.
+    """
+    seen: set[int] = set()
+    cause: BaseException | None = error
+    while cause is not None and id(cause) not in seen:
+        seen.add(id(cause))
+        if isinstance(cause, ConnectionError | TimeoutError | requests.ConnectionError | requests.Timeout):
+            return True
+        if isinstance(cause, requests.exceptions.RetryError):  # MLflow's client gave up on 429/5xx
+            return True
+        status = _http_status(cause)
+        if status is not None and (status == 429 or status >= 500):
+            return True
+        if "database is locked" in str(cause):
+            return True
+        cause = cause.__cause__ or cause.__context__
+    return False
+
+
+def _http_status(error: BaseException) -> int | None:
+    """The HTTP status a tracking server (RestException) or artifact store (HTTPError) answered."""
+    if isinstance(error, RestException):
+        return error.get_http_status_code()
+    if isinstance(error, requests.HTTPError) and error.response is not None:
+        return error.response.status_code
+    return None
+
+
+def retry_transient(task: Task[Any, Any], run: TaskRun, state: State[Any]) -> bool:
+    """Prefect's retry_condition_fn: retry a logging task only when it failed on a transient error."""
+    return isinstance(state.data, BaseException) and is_transient(state.data)
+
+
+# Task options of every task that logs to MLflow: up to 4 retries, 2, 4, 8 and 16 s apart (+-50%),
+# on top of the retries of MLflow's HTTP client (MLFLOW_HTTP_REQUEST_MAX_RETRIES).
+TRANSIENT_RETRIES: dict[str, Any] = {
+    "retries": 4,
+    "retry_delay_seconds": exponential_backoff(backoff_factor=2),
+    "retry_jitter_factor": 0.5,
+    "retry_condition_fn": retry_transient,
+}
 
 
 def open_store(tracking_uri: str) -> MlflowClient:
@@ -86,7 +204,9 @@ def start_study_run(
     client = open_store(tracking_uri)
     experiment_id = ensure_experiment(client, spec.name, tracking_uri)
     run = client.create_run(
-        experiment_id, run_name=f"study·{spec.name}", tags=_tags({"kind": "study", **tags})
+        experiment_id,
+        run_name=f"study·{spec.name}·{time.strftime('%m-%d %H:%M:%S')}",
+        tags=_tags({"kind": "study", **tags}),
     )
     study = StudyRun(tracking_uri, experiment_id, run.info.run_id)
     log_flat(study.client, study.run_id, params=params)
@@ -130,6 +250,14 @@ def study_datasets(spec: StudySpec, fingerprint: str, rows_per_domain: dict[str,
 
 
 def start_child_run(study: StudyRun, name: str, tags: dict[str, str]) -> str:
+    """A new child run. Inside a Prefect task, the runs an earlier attempt of the same task run
+    left (a retry after a transient error) are deleted first, so a retry never logs a run twice."""
+    attempt = task_run.id
+    if attempt:
+        tags = {**tags, TASK_RUN_TAG: attempt}
+        earlier = study.client.search_runs([study.experiment_id], f"tags.{TASK_RUN_TAG} = '{attempt}'")
+        for run in earlier:
+            study.client.delete_run(run.info.run_id)
     run = study.client.create_run(
         study.experiment_id, run_name=name, tags=_tags({"mlflow.parentRunId": study.run_id, **tags})
     )

@@ -8,10 +8,13 @@ from typing import Any
 
 import torch
 from prefect import task
+from prefect.client.orchestration import get_client
 from prefect.deployments import run_deployment
 from prefect.logging import get_run_logger
+from prefect.states import Cancelled
 
 from adaptflow.errors import StudyError
+from adaptflow.settings import pool_pickup_timeout
 from adaptflow.spec import Options, StudySpec, TrainSpec
 from metalib import EpisodeBatch, EpisodeSampler, TrainingHistory, algorithms, backbones, meta_train
 from metalib.algorithms import Algorithm
@@ -23,9 +26,8 @@ from tasks.caching import stable_inputs
 from tasks.checkpoints import CheckpointStore
 from tasks.prepare import Pool, PreparedData
 
-# Steps between checkpoints, besides the one after each validation: a killed training loses at most
-# this many. A checkpoint of the demo's model is 3.8 MB (weights, Adam's moments, best weights).
-CHECKPOINT_EVERY = 100
+# Seconds between looks at a flow run sent to a work pool (train_on_pool).
+POLL_SECONDS = 2.0
 
 
 @dataclass(frozen=True)
@@ -172,7 +174,7 @@ def train_model(
             val_every=train.val_every,
             device=device,
             on_validate=on_validate,
-            checkpoint_every=CHECKPOINT_EVERY,
+            checkpoint_every=train.checkpoint_every,
             on_checkpoint=checkpoints.save,
             resume=resume,
         )
@@ -201,10 +203,33 @@ def train_on_pool(
     deployment: str, spec: dict[str, Any], algorithm: int, seed: int, target: str | None = None
 ) -> TrainedModel:
     """Runs one (algorithm, seed) of `spec` as a flow run of `deployment` (the `train` flow on another
-    work pool) and returns its result, read from the result storage both hosts share."""
+    work pool) and returns its result, read from the result storage both hosts share.
+
+    A run that no worker picks up within `pool_pickup_timeout()` is cancelled with an error: no
+    worker of the pool is up, and the study would wait forever. A run a worker took is waited for,
+    however long it trains.
+    """
     parameters = {"spec": spec, "algorithm": algorithm, "seed": seed, "target": target}
-    run = run_deployment(deployment, parameters=parameters)
-    if run.state is None or not run.state.is_completed():
-        state = run.state.name if run.state else "without a state"
-        raise RuntimeError(f"training run {run.name} of {deployment} ended {state}; see it in the Prefect UI")
+    run = run_deployment(deployment, parameters=parameters, timeout=0)
+    timeout = pool_pickup_timeout()
+    deadline = time.monotonic() + timeout
+    with get_client(sync_client=True) as client:
+        while run.state is None or not run.state.is_final():
+            if run.state is not None and run.state.is_scheduled() and time.monotonic() > deadline:
+                pool = run.work_pool_name
+                waited = (
+                    f"no worker picked up training run {run.name} of {deployment} from work pool {pool!r} "
+                    f"within {timeout:g} s"
+                )
+                client.set_flow_run_state(run.id, Cancelled(message=waited))
+                raise RuntimeError(  # not TimeoutError: Prefect would call it the task's own timeout
+                    f"{waited} (ADAPTFLOW_POOL_PICKUP_TIMEOUT), so it was cancelled. Start a worker on a "
+                    f"host with a GPU: `prefect worker start --pool {pool}`, then run the study again."
+                )
+            time.sleep(POLL_SECONDS)
+            run = client.read_flow_run(run.id)
+    if not run.state.is_completed():
+        raise RuntimeError(
+            f"training run {run.name} of {deployment} ended {run.state.name}; see it in the Prefect UI"
+        )
     return run.state.result()
