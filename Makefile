@@ -13,18 +13,22 @@ export DO_NOT_TRACK := 1
 export MLFLOW_DISABLE_TELEMETRY := true
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 
-.PHONY: install demo test lint clean
+.PHONY: install demo ui test lint clean
 
 install: $(STAMP)
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet "$(TORCH)"
-	$(BIN)/python -m pip install --quiet -e ".[dev,hf]"
+	$(BIN)/python -m pip install --quiet -e ".[dev,hf,dask]"
 	touch $(STAMP)
 
 demo: $(STAMP)
 	$(BIN)/adaptflow run studies/demo.yaml
+
+# MLflow's and Prefect's UIs on the project's stores, on free loopback ports, until Ctrl-C.
+ui: $(STAMP)
+	$(BIN)/adaptflow ui
 
 test: $(STAMP)
 	HF_DATASETS_OFFLINE=1 HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q

@@ -1,12 +1,20 @@
-"""The `adaptflow` command: run or validate a study spec, compare an experiment's runs."""
+"""The `adaptflow` command: run or validate a study spec, compare an experiment's runs, open the UIs."""
 
 from __future__ import annotations
 
 import argparse
 import os
+import shlex
+import signal
+import socket
+import subprocess
 import sys
 import time
+import urllib.request
+from contextlib import nullcontext
 from pathlib import Path
+from types import FrameType
+from urllib.parse import quote, urlsplit
 
 from adaptflow import settings
 from adaptflow.errors import StudyError
@@ -38,6 +46,25 @@ def main(argv: list[str] | None = None) -> int:
                 "--tracking-uri",
                 default=None,
                 help="MLflow URI (default: $MLFLOW_TRACKING_URI, else mlflow.db in $ADAPTFLOW_HOME or .)",
+            )
+            command.add_argument(
+                "--workers",
+                type=int,
+                default=1,
+                metavar="N",
+                help="run the study's tasks in N local processes of cores/N torch threads each; 1 (the "
+                "default, until N > 1 is measured: docs/orchestration.md) runs them one at a time in this "
+                "process. Numbers do not depend on N",
+            )
+            command.add_argument(
+                "--task-runner",
+                choices=["local", "dask"],
+                default="local",
+                help="'local' (default): --workers processes here; 'dask': the tasks run on the existing "
+                "Dask cluster at --address (needs the dask extra; its workers need this project)",
+            )
+            command.add_argument(
+                "--address", default=None, help="Dask scheduler address, e.g. tcp://host:8786"
             )
     compare = commands.add_parser(
         "compare",
@@ -74,13 +101,28 @@ def main(argv: list[str] | None = None) -> int:
         help="'all' study runs of the experiment (latest result per cell), 'latest', or a parent run id",
     )
     compare.add_argument("--out", default="reports", help="folder for the table and plots (default reports/)")
+    ui = commands.add_parser(
+        "ui",
+        help="open the results: MLflow's and Prefect's UIs on the project's stores, until Ctrl-C",
+        description="Starts the MLflow UI on the project's tracking store and the Prefect UI on its "
+        "PREFECT_HOME, on free loopback ports (5000 and 4200 when free), waits until both answer and "
+        "prints the pages of the latest study. Ctrl-C stops both.",
+    )
+    ui.add_argument("--study", default=None, help="experiment (the spec's `name`) to open (default: latest)")
+    ui.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default as for run)")
     args = parser.parse_args(argv)
+    if args.command == "run" and args.workers < 1:
+        parser.error("--workers must be at least 1")
+    if args.command == "run" and (args.task_runner == "dask") != (args.address is not None):
+        parser.error("--task-runner dask and --address tcp://HOST:PORT go together")
     try:
         if args.command == "validate":
             return _validate(args.spec, args.overrides)
         if args.command == "compare":
             return _compare(args)
-        return _run(args.spec, args.overrides, args.tracking_uri)
+        if args.command == "ui":
+            return _ui(args.study, args.tracking_uri or settings.default_tracking_uri())
+        return _run(args.spec, args.overrides, args.tracking_uri, args.workers, args.address)
     except StudyError as exc:
         print(f"adaptflow: error: {exc}", file=sys.stderr)
         return 2
@@ -99,6 +141,12 @@ def _validate(spec_path: str, overrides: list[str]) -> int:
         f"x {len(spec.episodes.shots)} shot counts = "
         f"{len(spec.algorithms) * len(spec.seeds) * len(spec.target) * len(spec.episodes.shots)} evaluations"
     )
+    if spec.search is not None:
+        search = spec.search
+        print(
+            f"search first: {search.trials} trials x {len(spec.algorithms)} algorithms, {search.sampler} "
+            f"sampler, {search.pruner} pruner, chosen by {search.selection} (source data only)"
+        )
     return 0
 
 
@@ -115,20 +163,25 @@ def _load(spec_path: str, overrides: list[str]) -> StudySpec:
     return load_spec(spec_path, overrides)
 
 
-def _run(spec_path: str, overrides: list[str], tracking_uri: str | None) -> int:
-    from flows.study import study, validate_study
+def _run(
+    spec_path: str, overrides: list[str], tracking_uri: str | None, workers: int, address: str | None
+) -> int:
+    from flows.study import shared_prefect_server, study, task_runner, validate_study
     from tasks.report import format_table
     from tasks.summary import interval_caption
+    from tasks.tracking import check_reachable
 
     spec = _load(spec_path, overrides)
-    validate_study(spec)  # fail fast, before a Prefect server starts or MLflow is touched
     uri = tracking_uri or settings.default_tracking_uri()
+    check_reachable(uri)  # a tracking server that is down fails here, before any data is loaded
+    validate_study(spec)  # fail fast, before a Prefect server starts or MLflow is touched
     if has_secret(uri):  # Prefect stores flow parameters: a URI with credentials goes by the environment
         os.environ["MLFLOW_TRACKING_URI"] = uri
     started = time.perf_counter()
-    rows = study(
-        spec=str(Path(spec_path)), overrides=overrides, tracking_uri=None if has_secret(uri) else uri
-    )
+    with shared_prefect_server() if workers > 1 or address else nullcontext():
+        rows = study.with_options(task_runner=task_runner(workers, address))(
+            spec=str(Path(spec_path)), overrides=overrides, tracking_uri=None if has_secret(uri) else uri
+        )
     import pandas as pd
 
     print(
@@ -138,15 +191,17 @@ def _run(spec_path: str, overrides: list[str], tracking_uri: str | None) -> int:
     summary = pd.DataFrame(rows)
     print(f"{interval_caption(summary)}:\n")
     print(format_table(summary))
-    print(f"\nstudy took {time.perf_counter() - started:.1f} s. Open the results:")
-    print(f"  mlflow ui --backend-store-uri {redact(uri)}")
-    if os.environ.get("PREFECT_API_URL"):
-        print(f"  the Prefect UI of {redact(os.environ['PREFECT_API_URL'].removesuffix('/api'))}")
-    else:
-        print(
-            f"  PREFECT_HOME={os.environ['PREFECT_HOME']} prefect server start   # then http://127.0.0.1:4200"
-        )
+    print(f"\nstudy took {time.perf_counter() - started:.1f} s. Open the results in MLflow and Prefect:")
+    store = "" if uri == settings.default_tracking_uri() else f" --tracking-uri {shlex.quote(redact(uri))}"
+    print(f"  {_adaptflow_command()} ui --study {shlex.quote(spec.name)}{store}")
     return 0
+
+
+def _adaptflow_command() -> str:
+    """This environment's `adaptflow`, relative to the working folder when inside it: it works
+    whether or not the virtual environment is activated."""
+    command = Path(sys.executable).parent / "adaptflow"
+    return str(command.relative_to(Path.cwd())) if command.is_relative_to(Path.cwd()) else str(command)
 
 
 def _compare(args: argparse.Namespace) -> int:
@@ -161,6 +216,154 @@ def _compare(args: argparse.Namespace) -> int:
     files = write_outputs(client, args.experiment, comparison, args.format, Path(args.out))
     print("\nwritten: " + ", ".join(str(path) for path in files))
     return 0
+
+
+LOOPBACK = "127.0.0.1"
+UI_STARTUP_SECONDS = 120  # a cold Prefect server takes 13-17 s here, more on a busy machine
+# Prefect 3.9's default UI: its root redirects there, but deep links without it open the old UI
+PREFECT_UI_BASE = "/v2"
+
+
+def _ui(study: str | None, tracking_uri: str) -> int:
+    """Serves MLflow's and Prefect's UIs for the project's stores until Ctrl-C or SIGTERM.
+
+    A store that is already a server (an http tracking URI, PREFECT_API_URL) is linked, not started.
+    Executables come from this interpreter's environment, so no virtual environment needs to be
+    activated; each server runs in its own session, so stopping its process group stops its workers.
+    """
+    for stop in (signal.SIGINT, signal.SIGTERM):  # SIGINT too: a shell may start it with SIGINT ignored
+        signal.signal(stop, _interrupt)
+    logs = settings.PROJECT_DIR / ".cache" / "ui"
+    logs.mkdir(parents=True, exist_ok=True)
+    servers: list[subprocess.Popen[bytes]] = []
+    mlflow = settings.mlflow_ui_url(tracking_uri)
+    prefect = os.environ.get("PREFECT_API_URL", "").rstrip("/").removesuffix("/api")
+    try:
+        if urlsplit(tracking_uri).scheme not in ("http", "https"):
+            port = _free_port(urlsplit(mlflow).port or 5000)
+            mlflow = f"http://{LOOPBACK}:{port}"
+            command = ["mlflow", "server", "--host", LOOPBACK, "--port", str(port), "--workers", "1"]
+            environment = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+            servers.append(_serve([*command, "--backend-store-uri", tracking_uri], environment, logs))
+        if not prefect:
+            port = _free_port(int(os.environ.get("PREFECT_SERVER_API_PORT", "4200")))
+            prefect = f"http://{LOOPBACK}:{port}"
+            api = {"PREFECT_API_URL": f"{prefect}/api", "PREFECT_UI_API_URL": f"{prefect}/api"}
+            # a viewer: no scheduler or other services that would act on the project's deployments
+            command = ["prefect", "server", "start", "--host", LOOPBACK, "--port", str(port), "--no-services"]
+            servers.append(_serve(command, api, logs))
+        pages = _study_pages(tracking_uri, study, mlflow, prefect)
+        _wait_until_up(servers, [f"{mlflow}/health", f"{prefect}/api/health"], logs)
+        print("\n".join(pages), flush=True)
+        if not servers:
+            return 0
+        print("Ctrl-C stops them.", flush=True)
+        while all(server.poll() is None for server in servers):
+            time.sleep(0.5)
+        raise StudyError(f"a UI server stopped on its own; its log is in {logs}")
+    except KeyboardInterrupt:
+        return 0
+    finally:
+        for stop in (signal.SIGINT, signal.SIGTERM):  # a second Ctrl-C must not leave a server behind
+            signal.signal(stop, signal.SIG_IGN)
+        for server in servers:
+            _stop(server)
+
+
+def _interrupt(signum: int, frame: FrameType | None) -> None:
+    """Ctrl-C and SIGTERM stop the UIs alike, through the `finally` that stops the servers."""
+    raise KeyboardInterrupt
+
+
+def _free_port(preferred: int) -> int:
+    """`preferred` if it is free on the loopback address, else a free port the system picks."""
+    with socket.socket() as probe:
+        try:
+            probe.bind((LOOPBACK, preferred))
+        except OSError:
+            probe.bind((LOOPBACK, 0))
+        return probe.getsockname()[1]
+
+
+def _serve(command: list[str], environment: dict[str, str], logs: Path) -> subprocess.Popen[bytes]:
+    """Starts this environment's `command` in its own session, its output in logs/<name>.log."""
+    executable = str(Path(sys.executable).parent / command[0])
+    with (logs / f"{command[0]}.log").open("wb") as log:
+        return subprocess.Popen(
+            [executable, *command[1:]],
+            env={**os.environ, **environment},
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+
+
+def _wait_until_up(servers: list[subprocess.Popen[bytes]], health: list[str], logs: Path) -> None:
+    """Returns once every health URL answers 200; raises if a server exits or time runs out."""
+    deadline = time.monotonic() + UI_STARTUP_SECONDS
+    waiting = list(health)
+    while waiting:
+        if any(server.poll() is not None for server in servers):
+            raise StudyError(f"a UI server exited while starting; its log is in {logs}")
+        if time.monotonic() > deadline:
+            raise StudyError(f"{', '.join(waiting)} did not answer in {UI_STARTUP_SECONDS} s; logs in {logs}")
+        waiting = [url for url in waiting if not _answers(url)]
+        time.sleep(0.5 if waiting else 0)
+
+
+def _answers(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=5) as response:
+            return response.status == 200
+    except OSError:
+        return False
+
+
+def _stop(server: subprocess.Popen[bytes]) -> None:
+    """SIGTERM to the server's process group, SIGKILL to what is left after 15 s."""
+    try:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(15)
+    except subprocess.TimeoutExpired:
+        os.killpg(server.pid, signal.SIGKILL)
+        server.wait()
+    except ProcessLookupError:  # the group is gone already
+        server.wait()
+
+
+def _study_pages(tracking_uri: str, study: str | None, mlflow: str, prefect: str) -> list[str]:
+    """The lines `adaptflow ui` prints: the study's runs table, its latest parent run, its flow runs
+    and the latest one. The study is `study` (an experiment name) or the latest of any."""
+    database = tracking_uri.removeprefix("sqlite:///")
+    if database != tracking_uri and not Path(database).exists():
+        return [f"MLflow   {mlflow}", f"Prefect  {prefect}", "no study yet: run `adaptflow run SPEC` first"]
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=tracking_uri)
+    experiments = {e.experiment_id: e.name for e in client.search_experiments(max_results=50000)}
+    if study is not None:
+        experiments = {key: name for key, name in experiments.items() if name == study}
+        if not experiments:
+            raise StudyError(f"no experiment {study!r} in {tracking_uri}: run its spec first (its `name`)")
+    runs = client.search_runs(
+        list(experiments), "tags.kind = 'study'", order_by=["attributes.start_time DESC"], max_results=1
+    )
+    if not runs:
+        return [f"MLflow   {mlflow}", f"Prefect  {prefect}", "no study yet: run `adaptflow run SPEC` first"]
+    experiment, run_id = runs[0].info.experiment_id, runs[0].info.run_id
+    name = experiments[experiment]
+    lines = [
+        f"MLflow   {settings.mlflow_page(mlflow, experiment)}",
+        f"         latest run of {name}: {settings.mlflow_page(mlflow, experiment, run_id)}",
+        f"Prefect  {prefect}{PREFECT_UI_BASE}/runs?flow-run-search={quote(name)}",
+    ]
+    flow_run = runs[0].data.tags.get("prefect_flow_run_id")
+    return lines + (
+        [f"         its flow run: {prefect}{PREFECT_UI_BASE}/runs/flow-run/{flow_run}?tab=Artifacts"]
+        if flow_run
+        else []
+    )
 
 
 if __name__ == "__main__":

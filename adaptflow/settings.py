@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from urllib.parse import urlsplit
 
 PROJECT_DIR = Path(os.environ.get("ADAPTFLOW_HOME", Path.cwd())).resolve()
 
@@ -31,6 +32,27 @@ def apply_defaults() -> None:
 def default_tracking_uri() -> str:
     """MLFLOW_TRACKING_URI if set, else an sqlite store in the project folder."""
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{PROJECT_DIR / 'mlflow.db'}"
+
+
+def pool_pickup_timeout() -> float:
+    """Seconds a training sent to a work pool may wait for a worker to pick it up
+    (ADAPTFLOW_POOL_PICKUP_TIMEOUT, default 300): then no worker is up, and waiting would hang."""
+    return float(os.environ.get("ADAPTFLOW_POOL_PICKUP_TIMEOUT", "300"))
+
+
+def mlflow_ui_url(tracking_uri: str) -> str:
+    """Where users open MLflow: a tracking server itself; for a local store, ADAPTFLOW_MLFLOW_UI_URL,
+    else the address `adaptflow ui` serves it on when that port is free. Prefect artifacts link there."""
+    if urlsplit(tracking_uri).scheme in ("http", "https"):
+        return tracking_uri.rstrip("/")
+    return os.environ.get("ADAPTFLOW_MLFLOW_UI_URL", "http://127.0.0.1:5000").rstrip("/")
+
+
+def mlflow_page(ui_url: str, experiment_id: str, run_id: str | None = None) -> str:
+    """The MLflow UI page of an experiment's runs table, or of one run, in machine-learning mode:
+    MLflow 3.17 opens experiments in its GenAI view unless the URL asks for `workflowType`."""
+    run = f"/{run_id}" if run_id else ""
+    return f"{ui_url.rstrip('/')}/#/experiments/{experiment_id}/runs{run}?workflowType=machine_learning"
 
 
 apply_defaults()

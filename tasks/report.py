@@ -18,10 +18,13 @@ from tasks.models import model_uri
 from tasks.plots import learning_curve
 from tasks.summary import interval_caption, summarise
 from tasks.tables import accuracy_table, to_markdown
-from tasks.tracking import StudyRun, log_file, log_flat, log_yaml, start_child_run
+from tasks.tracking import TRANSIENT_RETRIES, StudyRun, log_file, log_flat, log_yaml, start_child_run
 from tasks.train import LearnerSetup, TrainedModel
 
 EPISODES_ARTIFACT = "episode_accuracies.json"  # per-episode accuracies, for paired comparisons
+NOTE_TAG = "mlflow.note.content"  # the run's description in the MLflow UI (markdown)
+MAX_NOTE_LENGTH = 8000  # MLflow's limit on a tag's value
+CUT = "\n\n… (cut here: the full table is in results.csv)\n"
 
 
 @dataclass(frozen=True)
@@ -40,7 +43,7 @@ class Result:
     cached: bool
 
 
-@task(name="log-evaluation", tags=["cpu"])
+@task(name="log-evaluation", tags=["cpu"], **TRANSIENT_RETRIES)
 def log_evaluation(
     study: StudyRun,
     spec: StudySpec,
@@ -54,6 +57,7 @@ def log_evaluation(
     flow_run_id: str,
     cached: bool,
     model_run_id: str,
+    search_tags: dict[str, str] | None = None,
 ) -> Result:
     """A child run with the tags, params, metrics and artifacts a comparison needs.
 
@@ -75,6 +79,8 @@ def log_evaluation(
         "model_selection": "best source-validation accuracy",
         "episodes_digest": evaluation.episodes_digest,
         "normalisation": evaluation.normalisation,
+        "hparams_origin": "spec",  # or, for a searched configuration, "search" and the search's tags
+        **(search_tags or {}),
     }
     client = study.client
     run_id = start_child_run(
@@ -130,7 +136,8 @@ def format_table(summary: pd.DataFrame, markdown: bool = False) -> str:
 
 @task(name="report", tags=["cpu"])
 def report_study(study: StudyRun, spec: StudySpec, results: list[Result]) -> pd.DataFrame:
-    """Logs the per-run and summary tables to the parent run and posts a Prefect artifact."""
+    """Logs the per-run and summary tables to the parent run, the summary as its metrics and
+    description (so the answer is on the study's own MLflow page), and posts a Prefect artifact."""
     runs = pd.DataFrame([vars(result) for result in results])
     summary = summarise(runs)
     per_run = runs.drop(columns="accuracies")
@@ -143,9 +150,22 @@ def report_study(study: StudyRun, spec: StudySpec, results: list[Result]) -> pd.
         f"{spec.episodes.ways}-way, {spec.episodes.queries} queries, {spec.episodes.eval_episodes} "
         f"target episodes per seed, seeds {spec.seeds}: {interval_caption(summary)}."
     )
+    markdown = f"## {spec.name}\n\n{caption}\n\n{format_table(summary, markdown=True)}\n"
+    log_flat(study.client, study.run_id, metrics=summary_metrics(summary), tags={NOTE_TAG: note(markdown)})
     create_markdown_artifact(
-        markdown=f"## {spec.name}\n\n{caption}\n\n{format_table(summary, markdown=True)}\n",
-        key="study-results",
-        description=f"results of study {spec.name}",
+        markdown=markdown, key="study-results", description=f"results of study {spec.name}"
     )
     return summary
+
+
+def summary_metrics(summary: pd.DataFrame) -> dict[str, float]:
+    """The study's answer as metrics of its parent run, `acc/<algorithm>/<target>/<shots>shot`: MLflow
+    groups charts by the prefix before the first `/`, and the run page lists them with the run."""
+    return {f"acc/{row.algorithm}/{row.target}/{row.shots}shot": row.acc for row in summary.itertuples()}
+
+
+def note(markdown: str) -> str:
+    """The parent run's MLflow description, cut to fit a tag (8,000 characters) on a very wide table."""
+    if len(markdown) <= MAX_NOTE_LENGTH:
+        return markdown
+    return markdown[: MAX_NOTE_LENGTH - len(CUT)] + CUT
