@@ -6,6 +6,7 @@ Validated with pydantic; unknown keys are errors, and every error names the key 
 from __future__ import annotations
 
 from collections.abc import Iterable
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Literal, get_args
 
@@ -14,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from adaptflow.errors import StudyError
 from metalib import algorithms, backbones
+from metalib.search_space import SearchSpace, parse_range
 
 Modality = Literal["auto", "features", "text", "image"]
 DEFAULT_BACKBONES = {"features": "mlp", "text": "text_bag", "image": "conv4"}
@@ -128,6 +130,28 @@ class TrainSpec(Strict):
     ways: int | None = Field(None, ge=2)  # training ways; default: episodes.ways (more: see fixed_ways)
     val_every: int = Field(50, ge=1)
     val_episodes: int = Field(100, ge=1)
+    # steps between checkpoints, besides the one after each validation: a killed training loses at most
+    # this many (a checkpoint of the demo's model is 3.8 MB: weights, Adam's moments, best weights)
+    checkpoint_every: int = Field(100, ge=1)
+
+
+class SearchSpec(Strict):
+    """A hyperparameter search per algorithm, on source data only, with one budget for all.
+
+    Each algorithm's default space (its SEARCH_SPACE in metalib) is searched, less the keys its entry
+    sets (those stay fixed); `space` replaces or adds ranges per algorithm label.
+    """
+
+    trials: int = Field(ge=1)  # per algorithm; raising it later continues the same search
+    sampler: Literal["tpe", "random"] = "tpe"  # random: DomainBed's protocol
+    pruner: Literal["median", "none"] = "median"  # stops trials below the median validation curve
+    # source_validation: the source validation episodes; leave_one_source_out: each source domain in
+    # turn is a pseudo-target (train on the others, few-shot episodes on it); the target is never read
+    selection: Literal["source_validation", "leave_one_source_out"] = "source_validation"
+    seed: int = 0  # of the sampler and of every trial's training
+    space: dict[str, dict[str, Any]] = {}  # algorithm label -> {hyperparameter: {low, high, log} | {choices}}
+    # Optuna storage URL; default: sqlite optuna.db next to the MLflow store (docs/search.md)
+    storage: str | None = None
 
 
 class StudySpec(Strict):
@@ -140,6 +164,7 @@ class StudySpec(Strict):
     algorithms: list[Options] = Field(min_length=1)
     train: TrainSpec = TrainSpec()
     seeds: list[int] = Field([0], min_length=1)
+    search: SearchSpec | None = None  # default: every algorithm runs on its entry's hyperparameters
 
     @model_validator(mode="after")
     def _disjoint_domains(self) -> StudySpec:
@@ -218,6 +243,50 @@ class StudySpec(Strict):
                 "e.g. {name: maml, label: fomaml, first_order: true}"
             )
         return self
+
+    @model_validator(mode="after")
+    def _search_space(self) -> StudySpec:
+        """Every range names an algorithm of the study and one of its hyperparameters."""
+        if self.search is None:
+            return self
+        if self.search.selection == "leave_one_source_out" and len(self.source) < 2:
+            raise ValueError(
+                "search.selection leave_one_source_out needs 2 or more source domains; with one, use "
+                "source_validation"
+            )
+        labels = {algorithm.display_name: algorithm for algorithm in self.algorithms}
+        for label, ranges in self.search.space.items():
+            if label not in labels:
+                raise ValueError(
+                    f"search.space.{label}: no algorithm is labelled {label!r}; known: {sorted(labels)}"
+                )
+            entry = labels[label]
+            known = sorted(asdict(algorithms.make_hparams(entry.name, {})))
+            for key, value in ranges.items():
+                where = f"search.space.{label}.{key}"
+                if key not in known:
+                    raise ValueError(f"{where}: {entry.name} has no hyperparameter {key!r}; known: {known}")
+                if key in entry.options():
+                    raise ValueError(f"{where}: the algorithm entry fixes {key}; drop it there or here")
+                try:
+                    parse_range(value)
+                except ValueError as exc:
+                    raise ValueError(f"{where}: {exc}") from None
+        return self
+
+    def search_space(self, algorithm: Options) -> SearchSpace:
+        """The ranges searched for one algorithm entry: its default space with the spec's ranges, less
+        the hyperparameters the entry fixes. Empty without a search."""
+        if self.search is None:
+            return {}
+        space = {
+            **algorithms.search_space(algorithm.name),
+            **{
+                key: parse_range(value)
+                for key, value in self.search.space.get(algorithm.display_name, {}).items()
+            },
+        }
+        return {key: value for key, value in space.items() if key not in algorithm.options()}
 
     @property
     def train_shots(self) -> int:

@@ -7,27 +7,32 @@ The steps are public so the `sweep` flow (flows/sweep.py) runs many studies from
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from typing import Any
 
+import torch
 from prefect import flow
 from prefect.futures import PrefectFuture
 from prefect.runtime import deployment, flow_run
-from prefect.task_runners import ThreadPoolTaskRunner
+from prefect.settings import PREFECT_API_URL, get_current_settings, temporary_settings
+from prefect.task_runners import ProcessPoolTaskRunner, TaskRunner, ThreadPoolTaskRunner
 
 from adaptflow.errors import StudyError
 from adaptflow.settings import default_tracking_uri
 from adaptflow.spec import StudySpec, load_spec
+from flows.search import search_algorithms
 from metalib.seeding import derive_seed
-from tasks.artifacts import link_mlflow_run
+from tasks.artifacts import link_mlflow_run, study_run_name
 from tasks.evaluate import Evaluation, evaluate_model
 from tasks.models import log_failed_training, log_model
 from tasks.prepare import PreparedData, check_episode_shapes, prepare, prepare_data
 from tasks.report import Result, log_evaluation, report_study
 from tasks.run_states import OWNER_TAG, end_stale_runs, owner
-from tasks.tracking import StudyRun, start_study_run, study_datasets
+from tasks.search import Searched
+from tasks.tracking import StudyRun, start_study_run, study_datasets, tracking_store
 from tasks.train import LearnerSetup, TrainedModel, train_model, train_on_pool
 
 # The `train` flow's deployment on the GPU pool (prefect.yaml).
@@ -41,6 +46,7 @@ class StudyPlan:
     spec: StudySpec
     prepared: PreparedData
     setups: list[LearnerSetup]
+    searches: dict[str, Searched] = field(default_factory=dict)  # by label: how a search chose it
 
 
 @dataclass(frozen=True)
@@ -81,6 +87,15 @@ def check_study(spec: StudySpec, prepared: PreparedData) -> StudyPlan:
         setup.check()
     study_datasets(spec, prepared.fingerprint, prepared.rows_per_domain)
     return StudyPlan(spec, prepared, setups)
+
+
+def searched(plan: StudyPlan, run: StudyRun) -> StudyPlan:
+    """The plan with each algorithm's configuration chosen by the spec's search (run, or resumed, under
+    the open study run `run`); the plan itself when the spec has no search."""
+    if plan.spec.search is None:
+        return plan
+    setups, searches = search_algorithms(plan.spec, plan.prepared, plan.setups, run)
+    return replace(plan, setups=setups, searches=searches)
 
 
 def open_study_run(plan: StudyPlan, tracking_uri: str | None, tags: dict[str, str]) -> StudyRun:
@@ -127,6 +142,17 @@ def trains_on_gpu_pool(spec: StudySpec) -> bool:
     return spec.train.device.startswith("cuda") and deployment.id is not None
 
 
+def pool_spec(plan: StudyPlan, index: int) -> dict[str, Any]:
+    """The spec a training on another pool rebuilds algorithm `index` from: a searched configuration
+    is written into its entry (with its label), and the search left out, so it is not run again."""
+    spec = plan.spec.model_dump(mode="json")
+    if plan.spec.search is None:
+        return spec
+    setup = plan.setups[index]
+    spec["algorithms"][index] = {"name": setup.algorithm, "label": setup.label, **setup.hparams}
+    return {**spec, "search": None}
+
+
 def submit_training(plan: StudyPlan) -> dict[TrainingKey, PrefectFuture[TrainedModel]]:
     """Submits one train task per training key, without waiting for any.
 
@@ -138,7 +164,7 @@ def submit_training(plan: StudyPlan) -> dict[TrainingKey, PrefectFuture[TrainedM
     on_gpu_pool = trains_on_gpu_pool(spec)
     return {
         (index, seed, target): (
-            train_on_pool.submit(GPU_TRAINING, spec.model_dump(mode="json"), index, seed, target)
+            train_on_pool.submit(GPU_TRAINING, pool_spec(plan, index), index, seed, target)
             if on_gpu_pool
             else train_model.submit(**training_inputs(plan, plan.setups[index], seed, target))
         )
@@ -230,6 +256,9 @@ def log_study(plan: StudyPlan, run: StudyRun, pending: list[PendingEvaluation], 
                 flow_run_id=flow_run_id,
                 cached=item.evaluation.state.name == "Cached",
                 model_run_id=model_run_id,
+                search_tags=plan.searches[item.setup.label].tags()
+                if item.setup.label in plan.searches
+                else None,
             )
         )
     return Logged([future.result() for future in logged], failures)
@@ -272,19 +301,65 @@ def start_study(plan: StudyPlan, tracking_uri: str | None, tags: dict[str, str])
     return run
 
 
+def processes(workers: int | None = None) -> ProcessPoolTaskRunner:
+    """`workers` processes (default: PREFECT_TASKS_RUNNER_PROCESS_POOL_MAX_WORKERS, else the CPU count),
+    each with cores // workers torch threads, so that the workers together use every core once
+    instead of each starting as many threads as the machine has cores."""
+    workers = workers or get_current_settings().tasks.runner.process_pool_max_workers or os.cpu_count() or 1
+    threads = max(1, (os.cpu_count() or 1) // workers)
+    # Prefect starts the workers with `spawn` and runs this initializer once in each, before any task
+    return ProcessPoolTaskRunner(max_workers=workers, initializer=torch.set_num_threads, initargs=(threads,))
+
+
+def task_runner(workers: int, address: str | None = None) -> TaskRunner[Any]:
+    """The runner `adaptflow run` gives a study: the Dask cluster at `address` if given, else `workers`
+    local processes; one worker keeps today's single in-process thread. Every task seeds torch
+    itself, so where and in which order tasks run does not change the numbers."""
+    if address is not None:
+        try:
+            from prefect_dask import DaskTaskRunner
+        except ImportError as exc:
+            raise StudyError("--task-runner dask needs prefect-dask: pip install -e '.[dask]'") from exc
+        return DaskTaskRunner(address=address)
+    return ThreadPoolTaskRunner(max_workers=1) if workers == 1 else processes(workers)
+
+
+@contextmanager
+def shared_prefect_server() -> Iterator[None]:
+    """Without PREFECT_API_URL, every process that talks to Prefect starts its own temporary server
+    (a cold start each, 15 s or more), task-runner workers included; this starts the one the flow
+    would start and gives its URL to the workers through the settings they inherit."""
+    if get_current_settings().api.url or not get_current_settings().server.ephemeral.enabled:
+        yield
+        return
+    from prefect.server.api.server import SubprocessASGIServer
+
+    server = SubprocessASGIServer()
+    server.start()  # stopped when this process exits, as Prefect stops its own
+    with temporary_settings(updates={PREFECT_API_URL: server.api_url}):
+        yield
+
+
 # One worker thread: torch's random generator is global to the process, so tasks that seed it
-# must not interleave in threads. The sweep flow runs tasks in processes instead.
-@flow(name="study", log_prints=True, task_runner=ThreadPoolTaskRunner(max_workers=1))
+# must not interleave in threads. `adaptflow run` picks processes or Dask with `task_runner`.
+@flow(
+    name="study",
+    flow_run_name=study_run_name,
+    log_prints=True,
+    task_runner=ThreadPoolTaskRunner(max_workers=1),
+)
 def study(
     spec: str | dict[str, Any] = "studies/demo.yaml",
     overrides: list[str] | None = None,
     tracking_uri: str | None = None,
 ) -> list[dict[str, Any]]:
     """Runs one study spec (a YAML path or an inline mapping); returns the summary table rows."""
+    tracking_uri = tracking_store(tracking_uri)  # a server that is down fails the study here
     plan = plan_study(load_spec(spec, overrides or []))
     flow_run_id = str(flow_run.id)
     run = start_study(plan, tracking_uri, {"prefect_flow_run_id": flow_run_id})
     with terminating(run):
+        plan = searched(plan, run)
         pending = submit_evaluation(plan, submit_training(plan))
         logged = log_study(plan, run, pending, flow_run_id)
         summary = report_study(run, plan.spec, logged.results) if logged.results else None

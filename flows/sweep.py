@@ -3,10 +3,10 @@
 Each domain pair is one study (its own MLflow parent run), built from the study flow's pieces.
 Every train and evaluate task of every pair is submitted before any is awaited, so they run
 side by side, at most `PREFECT_TASKS_RUNNER_PROCESS_POOL_MAX_WORKERS` at a time (default: the
-number of CPUs). Tasks run in processes, not threads, because torch's random generator is
-global to a process. Tasks cache on their inputs, so rerunning an interrupted sweep trains only
-what had not finished. For more than one machine, run it with prefect-dask's DaskTaskRunner
-(docs/orchestration.md).
+number of CPUs), each with its share of the cores as torch threads. Tasks run in processes, not
+threads, because torch's random generator is global to a process. Tasks cache on their inputs,
+so rerunning an interrupted sweep trains only what had not finished. For more than one machine,
+run it with prefect-dask's DaskTaskRunner (docs/orchestration.md).
 """
 
 from __future__ import annotations
@@ -17,7 +17,6 @@ from typing import Any
 
 from prefect import flow
 from prefect.runtime import flow_run
-from prefect.task_runners import ProcessPoolTaskRunner
 from pydantic import BaseModel, ConfigDict, Field
 
 from adaptflow.errors import StudyError
@@ -27,12 +26,16 @@ from flows.study import (
     failed,
     log_study,
     plan_study,
+    processes,
+    searched,
     start_study,
     submit_evaluation,
     submit_training,
     terminating,
 )
+from tasks.artifacts import study_run_name
 from tasks.report import report_study
+from tasks.tracking import tracking_store
 
 
 class DomainPair(BaseModel):
@@ -48,7 +51,7 @@ def leave_one_domain_out(domains: list[str]) -> list[DomainPair]:
     return [DomainPair(source=[d for d in domains if d != target], target=[target]) for target in domains]
 
 
-@flow(name="sweep", log_prints=True, task_runner=ProcessPoolTaskRunner())
+@flow(name="sweep", flow_run_name=study_run_name, log_prints=True, task_runner=processes())
 def sweep(
     spec: str | dict[str, Any] = "studies/demo.yaml",
     overrides: list[str] | None = None,
@@ -59,6 +62,7 @@ def sweep(
     """Runs the spec's algorithms, shots and seeds on every domain pair: `pairs`, plus each of
     `leave_one_out` as target against the rest; the spec's own pair if neither is given.
     Returns the summary rows of all pairs."""
+    tracking_uri = tracking_store(tracking_uri)  # a server that is down fails the sweep here
     overrides = overrides or []
     cells = [*(pairs or []), *leave_one_domain_out(leave_one_out or [])]
     if not cells:
@@ -76,6 +80,7 @@ def sweep(
     with ExitStack() as ending:  # each run ends when its pair is done; if the sweep stops, those left too
         for run in runs:
             ending.enter_context(terminating(run))
+        plans = [searched(plan, run) for plan, run in zip(plans, runs, strict=True)]  # if the spec searches
         trainings = [submit_training(plan) for plan in plans]  # all of them before any evaluation
         pending = [submit_evaluation(plan, models) for plan, models in zip(plans, trainings, strict=True)]
         rows: list[dict[str, Any]] = []

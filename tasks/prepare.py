@@ -49,6 +49,12 @@ class Pool:
 
     x: torch.Tensor
     y: torch.Tensor
+    # source pools: each row's domain, as an index into the spec's `source` list (for leave-one-out)
+    domain: torch.Tensor | None = None
+
+    def where(self, rows: torch.Tensor) -> Pool:
+        """The rows selected by a boolean mask."""
+        return Pool(self.x[rows], self.y[rows], None if self.domain is None else self.domain[rows])
 
     def __len__(self) -> int:
         return len(self.y)
@@ -245,14 +251,15 @@ def _prepare(
     keep = _first_occurrences(source_x)  # the same input in two source domains is one example
     dropped["source"] = len(source_x) - len(keep)
     source_x, source_y = source_x[keep], torch.cat([labels[name] for name in source])[keep]
+    source_domain = torch.cat([torch.full((len(labels[name]),), i) for i, name in enumerate(source)])[keep]
     train, val = split_per_class(source_y, data.val_fraction, data.split_seed)
     normalise = _normaliser(modality, source_x[train], data.log1p)
     held_out = {name: _unlabelled_split(labels[name], data) for name in target}
     present = {name: set(labels[name].tolist()) for name in domains}
     everywhere = set().union(*present.values())
     return PreparedData(
-        source_train=Pool(normalise(source_x[train]), source_y[train]),
-        source_val=Pool(normalise(source_x[val]), source_y[val]),
+        source_train=Pool(normalise(source_x[train]), source_y[train], source_domain[train]),
+        source_val=Pool(normalise(source_x[val]), source_y[val], source_domain[val]),
         targets={
             name: Pool(normalise(inputs[name][kept]), labels[name][kept])
             for name, (kept, _) in held_out.items()
@@ -580,8 +587,8 @@ def _to_state(prepared: PreparedData) -> dict[str, Any]:
     """Plain tensors and builtins, so the cache loads with torch.load's safe (weights-only) mode."""
     return {
         **vars(prepared),
-        "source_train": (prepared.source_train.x, prepared.source_train.y),
-        "source_val": (prepared.source_val.x, prepared.source_val.y),
+        "source_train": (prepared.source_train.x, prepared.source_train.y, prepared.source_train.domain),
+        "source_val": (prepared.source_val.x, prepared.source_val.y, prepared.source_val.domain),
         "targets": {name: (pool.x, pool.y) for name, pool in prepared.targets.items()},
     }
 

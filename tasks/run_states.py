@@ -21,7 +21,7 @@ def owner() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
 
 
-def _dead_here(process: str) -> bool:
+def dead_here(process: str) -> bool:
     host, _, pid = process.rpartition(":")
     if host != socket.gethostname() or not pid.isdigit():
         return False
@@ -38,7 +38,7 @@ def end_stale_runs(client: MlflowClient, experiment_id: str) -> list[str]:
     """Ends KILLED the RUNNING runs of the experiment whose owning process on this host is gone, and
     their RUNNING children; returns the ids of the runs ended."""
     running = client.search_runs([experiment_id], "attributes.status = 'RUNNING'", max_results=50000)
-    stale = [run.info.run_id for run in running if _dead_here(run.data.tags.get(OWNER_TAG, ""))]
+    stale = [run.info.run_id for run in running if dead_here(run.data.tags.get(OWNER_TAG, ""))]
     children = [run.info.run_id for run in running if run.data.tags.get("mlflow.parentRunId") in stale]
     for run_id in [*children, *stale]:
         client.set_terminated(run_id, "KILLED")
