@@ -29,6 +29,8 @@ from tests.conftest import DEMO, TINY_TRAINING, cli_overrides, stop
 pytestmark = pytest.mark.slow
 
 TINY = cli_overrides(*TINY_TRAINING, "episodes.eval_episodes=20")
+# One target and one shot count: enough cells for the tests of which runs compare may mix.
+ONE_CELL = cli_overrides("target=[webcam]", "episodes.shots=[1]")
 Experiment = tuple[MlflowClient, Path]
 ALGORITHMS = "algorithms=[{name: protonet}, {name: source_only}, {name: finetune, adapt_steps: 10}]"
 
@@ -192,6 +194,7 @@ def test_refuses_to_mix_protocols(prefect_server: None, tmp_path: Path) -> None:
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     common = [
         *TINY,
+        *ONE_CELL,
         "--set",
         "algorithms=[{name: protonet}, {name: finetune, adapt_steps: 5}]",
         "--set",
@@ -213,7 +216,7 @@ def test_refuses_runs_that_differ_only_in_the_split_or_in_their_episodes(
     prefect_server: None, tmp_path: Path
 ) -> None:
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    common = [*TINY, "--set", "algorithms=[{name: protonet}, {name: source_only}]",
+    common = [*TINY, *ONE_CELL, "--set", "algorithms=[{name: protonet}, {name: source_only}]",
               "--set", "name=split", "--tracking-uri", uri]  # fmt: skip
     # seed 0 from one split of the source domains, seed 1 from another: the cells would mix them
     assert main(["run", str(DEMO), *common, "--set", "seeds=[0]"]) == 0
@@ -264,7 +267,8 @@ def test_study_and_compare_through_a_real_mlflow_server(
                 if time.time() > deadline or server.poll() is not None:
                     raise
                 time.sleep(1)
-        args = [*TINY, "--set", "algorithms=[{name: protonet}, {name: finetune, adapt_steps: 5}]",
+        args = [*TINY, "--set", "episodes.shots=[1]",
+                "--set", "algorithms=[{name: protonet}, {name: finetune, adapt_steps: 5}]",
                 "--set", "seeds=[0]", "--set", "name=over-http"]  # fmt: skip
         assert main(["run", str(DEMO), *args, "--tracking-uri", uri]) == 0
         capsys.readouterr()
@@ -276,7 +280,7 @@ def test_study_and_compare_through_a_real_mlflow_server(
         experiment_id = client.get_experiment_by_name("over-http").experiment_id
         parent = client.search_runs([experiment_id], "tags.kind = 'study'")[0].info.run_id
         table = pd.read_csv(client.download_artifacts(parent, "results.csv", str(tmp_path)))
-        assert len(table) == 2 * 2 * 2
+        assert len(table) == 2 * 2  # algorithms x targets, one shot count
     finally:
         stop(server, grace=20)
 

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 from mlflow.entities import Run
 from mlflow.tracking import MlflowClient
+from prefect.client.orchestration import get_client
 
 from adaptflow.cli import main
 from adaptflow.errors import StudyError
@@ -22,7 +23,7 @@ SMALL = [
     "--set", "train.steps=20",
     "--set", "train.val_every=10",
     "--set", "train.val_episodes=20",
-    "--set", "episodes.eval_episodes=30",
+    "--set", "episodes.eval_episodes=10",
     "--set", "seeds=[0, 1]",
     "--set", "algorithms=[{name: protonet}, {name: finetune, adapt_steps: 20}]",
 ]  # fmt: skip
@@ -91,11 +92,20 @@ def test_study_logs_a_parent_and_one_child_per_evaluation(
     table = Path(client.download_artifacts(parent.info.run_id, "results.csv", str(folder)))
     rows = list(csv.DictReader(table.open()))
     assert len(rows) == len(ALGORITHMS) * len(TARGETS) * len(SHOTS)
-    assert all(row["runs"] == "2" and row["episodes"] == "60" for row in rows)
+    assert all(row["runs"] == "2" and row["episodes"] == "20" for row in rows)
     by_key = {child_key(run): run.data.metrics["acc"] for run in children}
     for row in rows:
         seed_means = [by_key[(row["algorithm"], str(s), row["target"], row["shots"])] for s in SEEDS]
         assert float(row["acc"]) == pytest.approx(sum(seed_means) / 2)
+    # the answer on the study's own MLflow page: one metric per cell, the table as its description
+    assert parent.data.metrics == {
+        f"acc/{row['algorithm']}/{row['target']}/{row['shots']}shot": pytest.approx(float(row["acc"]))
+        for row in rows
+    }
+    assert "| finetune |" in parent.data.tags["mlflow.note.content"]
+    with get_client(sync_client=True) as prefect:
+        flow_run = prefect.read_flow_run(parent.data.tags["prefect_flow_run_id"])
+    assert flow_run.name == "office-caltech-demo·webcam+dslr"
 
 
 def test_rerun_reuses_cached_work_and_reproduces_the_numbers(
@@ -104,7 +114,9 @@ def test_rerun_reuses_cached_work_and_reproduces_the_numbers(
     uri, _ = first_run
     capsys.readouterr()
     assert main(["run", str(DEMO), *SMALL, "--tracking-uri", uri]) == 0
-    assert "dslr 1-shot" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "dslr 1-shot" in printed
+    assert f"bin/adaptflow ui --study office-caltech-demo --tracking-uri {uri}\n" in printed
     client = MlflowClient(tracking_uri=uri)
     experiment = client.get_experiment_by_name("office-caltech-demo")
     parents, children = runs_by_kind(client, experiment.experiment_id)
