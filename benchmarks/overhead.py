@@ -1,0 +1,201 @@
+"""What do Prefect and MLflow cost a study? The demo's exact work timed bare, then as `adaptflow run`.
+
+1. bare: this process prepares the data and runs every training and evaluation of the spec (the
+   study flow's own plan: `check_study`, `training_keys`, `training_inputs`, the same seeds) one
+   after another, with no Prefect run and no MLflow. Evaluation is `evaluate_model.fn`; training is
+   the body of `train_model` without its Prefect logger, progress artifact and checkpoint store (it
+   cannot run outside a task run), i.e. the same `source_episodes` and `meta_train` calls.
+2. fresh: `adaptflow run SPEC --workers N` in a subprocess with a new PREFECT_HOME (no task cache, a
+   cold temporary Prefect server) and a new sqlite MLflow store; wall time of the whole command.
+3. cached: the same command again: every task is a cache hit; what is left is orchestration.
+
+The overhead share is (fresh - bare) / fresh. Every accuracy logged by the flow must equal the bare
+one for its (algorithm, seed, target, shots); the script says whether they do. Run from the project
+folder (the machine's load average is printed next to each number):
+
+    .venv/bin/python benchmarks/overhead.py --workers 1
+    .venv/bin/python benchmarks/overhead.py --workers 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import torch  # noqa: E402
+from mlflow.tracking import MlflowClient  # noqa: E402
+
+from adaptflow.spec import load_spec  # noqa: E402
+from flows.study import StudyPlan, check_study, training_inputs, training_keys  # noqa: E402
+from metalib import meta_train  # noqa: E402
+from metalib.device import resolve_device  # noqa: E402
+from metalib.seeding import derive_seed  # noqa: E402
+from tasks.evaluate import evaluate_model  # noqa: E402
+from tasks.prepare import prepare  # noqa: E402
+from tasks.train import TrainedModel, source_episodes  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+# (algorithm label, seed, target, shots) -> accuracy
+Accuracies = dict[tuple[str, str, str, str], float]
+
+
+def load() -> str:
+    return "load average {:.1f} {:.1f} {:.1f}".format(*os.getloadavg())
+
+
+def train(plan: StudyPlan, index: int, seed: int, target: str | None) -> TrainedModel:
+    """`train_model`'s work for one training key, without Prefect."""
+    inputs = training_inputs(plan, plan.setups[index], seed, target)
+    setup, spec = inputs["setup"], inputs["train"]
+    device = resolve_device(spec.device)
+    torch.manual_seed(derive_seed(seed, "init"))
+    learner = setup.build().to(device)
+    if inputs["unlabelled_target"] is not None:
+        learner.set_unlabelled_target(inputs["unlabelled_target"].to(device))
+    sampler, validation = source_episodes(
+        setup, inputs["source_train"], inputs["source_val"], inputs["shots"], inputs["queries"], spec, seed
+    )
+    history = meta_train(
+        learner,
+        sampler,
+        steps=spec.steps,
+        meta_batch=spec.meta_batch,
+        validation=validation,
+        val_every=spec.val_every,
+        device=device,
+        progress=False,  # no progress bars in the log
+    )
+    state = {k: v.detach().cpu() if torch.is_tensor(v) else v for k, v in learner.state_dict().items()}
+    return TrainedModel(state, history, 0.0)
+
+
+def children_cpu() -> float:
+    """CPU seconds of the finished subprocesses, with everything they started and waited for."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def bare(spec_path: Path) -> tuple[float, float, Accuracies]:
+    """Wall and CPU seconds and the accuracies of the spec's whole work in this process, one task
+    after another."""
+    started, cpu = time.perf_counter(), time.process_time()
+    spec = load_spec(spec_path)
+    plan = check_study(spec, prepare(spec.data, spec.source, spec.target))
+    spec = plan.spec
+    accuracies: Accuracies = {}
+    for index, seed, trained_for in training_keys(plan):
+        setup = plan.setups[index]
+        trained = train(plan, index, seed, trained_for)
+        for target in [trained_for] if trained_for else spec.target:
+            for shots in spec.episodes.shots:
+                evaluation = evaluate_model.fn(
+                    setup,
+                    trained,
+                    plan.prepared.targets[target],
+                    shots=shots,
+                    queries=spec.episodes.queries,
+                    episodes=spec.episodes.eval_episodes,
+                    episode_seed=derive_seed(seed, "evaluation", target, shots),
+                    device=spec.train.device,
+                )
+                accuracies[(setup.label, str(seed), target, str(shots))] = evaluation.acc
+    return time.perf_counter() - started, time.process_time() - cpu, accuracies
+
+
+def adaptflow_run(spec_path: Path, workers: int, home: Path, log: Path) -> tuple[float, float, float]:
+    """Wall seconds of `adaptflow run` (the whole command), the study time it printed, and the CPU
+    seconds of it, its Prefect server and its workers (a machine shared with other jobs inflates
+    wall times, CPU seconds much less)."""
+    environment = {**os.environ, "PREFECT_HOME": str(home / "prefect")}
+    environment.pop("PREFECT_API_URL", None)  # the embedded temporary server, as for a user
+    command = [
+        str(Path(sys.executable).parent / "adaptflow"),
+        *("run", str(spec_path), "--workers", str(workers)),
+        *("--tracking-uri", f"sqlite:///{home / 'mlflow.db'}"),
+    ]
+    started, cpu = time.perf_counter(), children_cpu()
+    with log.open("w") as output:
+        subprocess.run(
+            command, cwd=ROOT, env=environment, stdout=output, stderr=subprocess.STDOUT, check=True
+        )
+    wall, cpu = time.perf_counter() - started, children_cpu() - cpu
+    study = re.findall(r"study took ([\d.]+) s", log.read_text())
+    return wall, float(study[-1]), cpu
+
+
+def logged(home: Path, experiment: str) -> list[tuple[tuple[str, str, str, str], float]]:
+    """(key, accuracy) of every evaluation run in the store, of every study run."""
+    client = MlflowClient(tracking_uri=f"sqlite:///{home / 'mlflow.db'}")
+    experiment_id = client.get_experiment_by_name(experiment).experiment_id
+    runs = client.search_runs([experiment_id], "tags.kind = 'evaluation'", max_results=10000)
+    return [
+        (
+            (
+                run.data.tags["algorithm"],
+                run.data.tags["seed"],
+                run.data.tags["target_domain"],
+                run.data.tags["shots"],
+            ),
+            run.data.metrics["acc"],
+        )
+        for run in runs
+    ]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--spec", type=Path, default=ROOT / "studies" / "demo.yaml")
+    parser.add_argument("--workers", type=int, default=1, help="adaptflow run --workers (default 1)")
+    args = parser.parse_args()
+    print(
+        f"{os.cpu_count()} CPUs, torch {torch.__version__} with {torch.get_num_threads()} threads in this "
+        f"process; spec {args.spec}; adaptflow run --workers {args.workers}",
+        flush=True,
+    )
+    home = Path(tempfile.mkdtemp(prefix="adaptflow-overhead-"))
+    try:
+        print(f"bare:   start, {load()}", flush=True)
+        bare_s, bare_cpu, accuracies = bare(args.spec)
+        print(
+            f"bare:   {bare_s:.1f} s, {bare_cpu:.1f} s CPU ({len(accuracies)} evaluations), {load()}",
+            flush=True,
+        )
+        fresh_s, fresh_study, fresh_cpu = adaptflow_run(args.spec, args.workers, home, home / "fresh.log")
+        print(
+            f"fresh:  {fresh_s:.1f} s (study {fresh_study:.1f} s), {fresh_cpu:.1f} s CPU, {load()}",
+            flush=True,
+        )
+        cached_s, cached_study, cached_cpu = adaptflow_run(args.spec, args.workers, home, home / "cached.log")
+        print(
+            f"cached: {cached_s:.1f} s (study {cached_study:.1f} s), {cached_cpu:.1f} s CPU, {load()}",
+            flush=True,
+        )
+        name = load_spec(args.spec).name
+        runs = logged(home, name)
+        same = len(runs) == 2 * len(accuracies) and all(accuracies[key] == acc for key, acc in runs)
+        wall, cpu = fresh_s - bare_s, fresh_cpu - bare_cpu
+        print(
+            f"overhead of adaptflow run: {wall:.1f} s wall, {wall / fresh_s:.0%} of the study; "
+            f"{cpu:.1f} s CPU, {cpu / fresh_cpu:.0%} of its CPU time; cached rerun {cached_s:.1f} s. "
+            f"Accuracies identical to bare: {same}",
+            flush=True,
+        )
+        printed = (home / "fresh.log").read_text().split("study took")[0]
+        print(printed[printed.rindex(f"\n{name}: ") :].strip())  # the fresh run's results table
+    finally:
+        shutil.rmtree(home, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
