@@ -92,10 +92,13 @@ def search_trials(storage: Path) -> list[tuple[str, int, str, int]]:
     if not storage.exists():
         return []
     with sqlite3.connect(storage) as db:
-        return db.execute(
-            "select s.study_name, t.number, t.state, (select count(*) from trial_params p "
-            "where p.trial_id = t.trial_id) from trials t join studies s using (study_id)"
-        ).fetchall()
+        try:
+            return db.execute(
+                "select s.study_name, t.number, t.state, (select count(*) from trial_params p "
+                "where p.trial_id = t.trial_id) from trials t join studies s using (study_id)"
+            ).fetchall()
+        except sqlite3.OperationalError:  # Optuna is still creating its tables
+            return []
 
 
 @pytest.mark.slow
