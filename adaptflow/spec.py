@@ -1,6 +1,8 @@
 """The study spec: one YAML file that says which data, domains, algorithms, shots and seeds.
 
 Validated with pydantic; unknown keys are errors, and every error names the key and the fix.
+metalib (and so PyTorch) is imported only by the checks that need its registries, so a missing file,
+bad YAML or a mistyped key is reported without waiting for PyTorch to load.
 """
 
 from __future__ import annotations
@@ -8,14 +10,15 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Literal, get_args
+from typing import TYPE_CHECKING, Any, Literal, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from adaptflow.errors import StudyError
-from metalib import algorithms, backbones
-from metalib.search_space import SearchSpace, parse_range
+
+if TYPE_CHECKING:
+    from metalib.search_space import SearchSpace
 
 Modality = Literal["auto", "features", "text", "image"]
 DEFAULT_BACKBONES = {"features": "mlp", "text": "text_bag", "image": "conv4"}
@@ -38,6 +41,20 @@ class DomainSource(Strict):
     revision: str | None = None
     input: str | None = None
     label: str | None = None
+
+
+class FixedEpisodeSpec(Strict):
+    """Target episodes defined by the data, as published benchmarks fix their test episodes: a column
+    names each row's episode, another says whether the row is in its support set or among its queries.
+
+    Every target domain is then evaluated on exactly its fixed episodes (all of them, in order), and
+    `episodes.ways` / `episodes.shots` must match their shape.
+    """
+
+    episode: str  # column naming each row's episode (any values; episodes run in sorted order)
+    role: str = "role"  # column saying support or query
+    support: str = "support"  # the role column's value for support rows
+    query: str = "query"  # the role column's value for query rows
 
 
 class DataSpec(Strict):
@@ -64,11 +81,17 @@ class DataSpec(Strict):
     # of each target domain, held out (stratified) as unlabelled rows for learners that adapt without
     # labels (dann); those rows are never evaluated on, for any algorithm
     target_unlabelled_fraction: float = Field(0.0, ge=0, lt=1)
+    fixed_episodes: FixedEpisodeSpec | None = None  # default: target episodes drawn at random (seeded)
 
     @model_validator(mode="after")
     def _has_a_source(self) -> DataSpec:
         if self.path is None and not (self.domains and all(d.path for d in self.domains.values())):
             raise ValueError("give data.path, or a path for every domain under data.domains")
+        if self.fixed_episodes is not None and self.target_unlabelled_fraction:
+            raise ValueError(
+                "data.target_unlabelled_fraction cannot hold rows out of fixed episodes; set it to 0, or "
+                "drop data.fixed_episodes"
+            )
         return self
 
     def domain_sources(self) -> dict[str, DomainSource]:
@@ -207,6 +230,8 @@ class StudySpec(Strict):
     @model_validator(mode="after")
     def _known_components(self) -> StudySpec:
         """Algorithm names and hyperparameters, and the backbone name, are checked at load time."""
+        from metalib import algorithms, backbones
+
         try:
             if self.backbone is not None:
                 backbones.REGISTRY.get(self.backbone.name)
@@ -249,6 +274,9 @@ class StudySpec(Strict):
         """Every range names an algorithm of the study and one of its hyperparameters."""
         if self.search is None:
             return self
+        from metalib import algorithms
+        from metalib.search_space import parse_range
+
         if self.search.selection == "leave_one_source_out" and len(self.source) < 2:
             raise ValueError(
                 "search.selection leave_one_source_out needs 2 or more source domains; with one, use "
@@ -279,6 +307,9 @@ class StudySpec(Strict):
         the hyperparameters the entry fixes. Empty without a search."""
         if self.search is None:
             return {}
+        from metalib import algorithms
+        from metalib.search_space import parse_range
+
         space = {
             **algorithms.search_space(algorithm.name),
             **{
@@ -287,6 +318,15 @@ class StudySpec(Strict):
             },
         }
         return {key: value for key, value in space.items() if key not in algorithm.options()}
+
+    def protocol(self) -> str:
+        """The evaluation protocol in words, for table captions."""
+        fixed = self.data.fixed_episodes
+        if fixed is not None:
+            episodes = f"the fixed target episodes of column {fixed.episode!r}"
+        else:
+            episodes = f"{self.episodes.queries} queries, {self.episodes.eval_episodes} target episodes"
+        return f"{self.episodes.ways}-way, {episodes} per seed, seeds {self.seeds}"
 
     @property
     def train_shots(self) -> int:
@@ -307,16 +347,20 @@ def load_spec(source: str | Path | dict[str, Any], overrides: Iterable[str] = ()
         raw, where = source, "spec"
     else:
         raw, where = _read_yaml(Path(source)), str(source)
+    overrides = list(overrides)
     for item in overrides:
         _apply_override(raw, item)
-    return parse_spec(raw, where)
+    if overrides:
+        where += " with " + " ".join(f"--set {item}" for item in overrides)
+    return parse_spec(raw, where, overrides)
 
 
-def parse_spec(raw: dict[str, Any], where: str = "spec") -> StudySpec:
+def parse_spec(raw: dict[str, Any], where: str = "spec", overrides: Iterable[str] = ()) -> StudySpec:
+    """The validated spec; a StudyError lists every problem, naming the --set that caused it if any."""
     try:
         return StudySpec.model_validate(raw)
     except ValidationError as exc:
-        raise StudyError(f"{where} is not a valid study spec:\n" + _explain(exc)) from None
+        raise StudyError(f"{where} is not a valid study spec:\n" + _explain(exc, list(overrides))) from None
 
 
 def flatten(value: Any, prefix: str = "") -> dict[str, str]:
@@ -394,7 +438,7 @@ def _apply_override(raw: dict[str, Any], item: str) -> None:
             node = node[part]
 
 
-def _explain(exc: ValidationError) -> str:
+def _explain(exc: ValidationError, overrides: list[str]) -> str:
     lines = []
     for error in exc.errors():
         location = ".".join(str(part) for part in error["loc"]) or "(top level)"
@@ -403,8 +447,18 @@ def _explain(exc: ValidationError) -> str:
             message = f"unknown key; allowed here: {', '.join(_allowed_keys(error['loc']))}"
         elif error["type"] == "missing":
             message = "required key is missing"
+        culprits = [item for item in overrides if _within(location, item.partition("=")[0])]
+        if culprits:
+            message += f" (from --set {', '.join(culprits)})"
         lines.append(f"  {location}: {message}")
     return "\n".join(lines)
+
+
+def _within(location: str, key: str) -> bool:
+    """Whether an error at `location` lies in what an override of `key` set (or holds that key)."""
+    return any(
+        inner == outer or inner.startswith(outer + ".") for inner, outer in ((location, key), (key, location))
+    )
 
 
 def _allowed_keys(location: tuple[Any, ...]) -> list[str]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from metalib.algorithms import Algorithm
-from metalib.episodes import EpisodeBatch, EpisodeSampler
+from metalib.episodes import EpisodeBatch, EpisodeSampler, FixedEpisodes
 
 # Support and query rows adapted to in one pass. One pass per episode is slow (fine-tuning fits a head
 # per pass); one per chunk of episodes needs memory for all their rows at once, as a training batch does.
@@ -30,14 +30,16 @@ def episode_accuracies(
 
 def evaluate(
     learner: Algorithm,
-    sampler: EpisodeSampler,
+    sampler: EpisodeSampler | FixedEpisodes,
     episodes: int,
     device: torch.device | str = "cpu",
     chunk: int = 100,
 ) -> torch.Tensor:
-    """Accuracy on `episodes` fresh episodes from `sampler`, drawn `chunk` at a time."""
-    parts = []
-    for start in range(0, episodes, chunk):
-        batch = sampler.sample(min(chunk, episodes - start)).to(device)
+    """Accuracy on the next `episodes` episodes from `sampler`, taken up to `chunk` at a time."""
+    parts: list[torch.Tensor] = []
+    done = 0
+    while done < episodes:
+        batch = sampler.sample(min(chunk, episodes - done)).to(device)
         parts.append(episode_accuracies(learner, batch))
+        done += batch.num_tasks
     return torch.cat(parts)

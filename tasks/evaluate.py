@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import torch
 from prefect import task
 
-from metalib import EpisodeSampler, backbones, evaluate, mean_ci95
+from metalib import EpisodeSampler, FixedEpisodes, backbones, evaluate, mean_ci95
 from metalib.device import resolve_device
 from tasks.caching import stable_inputs
 from tasks.prepare import Pool
@@ -46,12 +46,18 @@ def evaluate_model(
 ) -> Evaluation:
     """`episodes` target episodes, each adapted to on its support set and scored on its queries.
 
-    `episode_seed` fixes the episodes, so every algorithm meets the same ones.
+    `episode_seed` fixes the episodes, so every algorithm meets the same ones. A target with fixed
+    episodes (data.fixed_episodes) is evaluated on all of them instead, in order.
     """
     resolved = resolve_device(device)
     learner = trained.load(setup, resolved)
     torch.manual_seed(episode_seed)
-    sampler = EpisodeSampler(target.x, target.y, setup.ways, shots, queries, episode_seed)
+    sampler: EpisodeSampler | FixedEpisodes
+    if target.episode is not None and target.support is not None:
+        sampler = FixedEpisodes(target.x, target.y, target.episode, target.support)
+        episodes = len(sampler)
+    else:
+        sampler = EpisodeSampler(target.x, target.y, setup.ways, shots, queries, episode_seed)
     started = time.perf_counter()
     accuracies = evaluate(learner, sampler, episodes, device=resolved)
     acc, ci95 = mean_ci95(accuracies)

@@ -30,8 +30,8 @@ from tqdm.auto import tqdm
 
 from adaptflow.errors import StudyError
 from adaptflow.settings import PROJECT_DIR
-from adaptflow.spec import DEFAULT_BACKBONES, DataSpec, DomainSource, StudySpec
-from metalib import episode_shape_problems, split_per_class
+from adaptflow.spec import DEFAULT_BACKBONES, DataSpec, DomainSource, FixedEpisodeSpec, StudySpec
+from metalib import FixedEpisodes, episode_shape_problems, split_per_class
 from metalib.backbones import hf_encoder, text_bag
 from tasks.caching import stable_inputs
 
@@ -51,10 +51,17 @@ class Pool:
     y: torch.Tensor
     # source pools: each row's domain, as an index into the spec's `source` list (for leave-one-out)
     domain: torch.Tensor | None = None
+    # target pools with fixed episodes (data.fixed_episodes): each row's episode number, and whether
+    # it is a support row (else a query)
+    episode: torch.Tensor | None = None
+    support: torch.Tensor | None = None
 
     def where(self, rows: torch.Tensor) -> Pool:
         """The rows selected by a boolean mask."""
-        return Pool(self.x[rows], self.y[rows], None if self.domain is None else self.domain[rows])
+        return Pool(*(None if part is None else part[rows] for part in self.parts()))
+
+    def parts(self) -> tuple[torch.Tensor | None, ...]:
+        return (self.x, self.y, self.domain, self.episode, self.support)
 
     def __len__(self) -> int:
         return len(self.y)
@@ -73,7 +80,9 @@ class PreparedData:
     rows_per_domain: dict[str, int]  # after removing duplicates
     modality: str  # features | text | image
     duplicates_dropped: dict[str, int]  # per domain, and "source" for repeats across source domains
-    missing_classes: dict[str, list[str]]  # domain -> classes other domains have and it lacks
+    # target domain -> classes other domains have and it lacks (source domains are pooled, and may
+    # well have classes of their own, as Omniglot's alphabets do)
+    missing_classes: dict[str, list[str]]
 
     @property
     def input_shape(self) -> tuple[int, ...]:
@@ -171,8 +180,9 @@ def prepare(
         if path:
             _write_cache(path, prepared)
     for domain, classes in prepared.missing_classes.items():
+        listed = f"{classes}" if len(classes) <= 10 else f"{len(classes)} classes, such as {classes[:10]}"
         warnings.warn(
-            f"domain {domain!r} has no examples of class(es) {classes}, which other domains of the study "
+            f"domain {domain!r} has no examples of class(es) {listed}, which other domains of the study "
             "have; its episodes are drawn from the classes it has.",
             stacklevel=2,
         )
@@ -199,12 +209,14 @@ def prepare_data(data: DataSpec, source: list[str], target: list[str]) -> Prepar
 def check_episode_shapes(spec: StudySpec, prepared: PreparedData) -> None:
     """Every pool must supply its episodes: enough classes, enough examples per class."""
     ways, queries = spec.episodes.ways, spec.episodes.queries
+    _check_fixed_episodes(spec, prepared)
     needs = [
         ("source training pool", prepared.source_train, spec.train_ways, spec.train_shots),
         ("source validation pool", prepared.source_val, ways, spec.train_shots),
         *(
             (f"target domain {name!r}", pool, ways, max(spec.episodes.shots))
             for name, pool in prepared.targets.items()
+            if pool.episode is None
         ),
     ]
     problems = [
@@ -224,6 +236,25 @@ def check_episode_shapes(spec: StudySpec, prepared: PreparedData) -> None:
         )
 
 
+def _check_fixed_episodes(spec: StudySpec, prepared: PreparedData) -> None:
+    """Fixed target episodes must be few-shot episodes of the shape the spec evaluates."""
+    for name, pool in prepared.targets.items():
+        if pool.episode is None or pool.support is None:
+            continue
+        try:
+            shapes = FixedEpisodes(pool.x, pool.y, pool.episode, pool.support).shapes()
+        except ValueError as exc:
+            raise StudyError(f"target domain {name!r}: {exc}") from None
+        ways, shots = sorted({w for w, _ in shapes}), sorted({k for _, k in shapes})
+        if ways != [spec.episodes.ways] or shots != spec.episodes.shots:
+            raise StudyError(
+                f"target domain {name!r} has fixed episodes of ways {ways} and shots {shots}, but the spec "
+                f"asks for episodes.ways={spec.episodes.ways}, episodes.shots={spec.episodes.shots}; set "
+                f"episodes.ways: {ways[0]} and episodes.shots: {shots} (fixed episodes are evaluated as "
+                "the data defines them)"
+            )
+
+
 def _prepare(
     domains: dict[str, Domain], data: DataSpec, source: list[str], target: list[str], fingerprint: str
 ) -> PreparedData:
@@ -234,7 +265,13 @@ def _prepare(
             "or drop them from source / target"
         )
     modality = _modality(domains, data)
-    class_names, labels = _label_space(domains)
+    fixed = {name: _fixed_episodes(name, domains[name], data.fixed_episodes) for name in target}
+    # a fixed episode's labels name classes within that episode (as Lake et al.'s run-local class
+    # numbers do), so fixed-episode domains keep their own label spaces, apart from the study's
+    shared = {name: domain for name, domain in domains.items() if fixed.get(name) is None}
+    class_names, labels = _label_space(shared)
+    for name in domains.keys() - shared.keys():
+        labels.update(_label_space({name: domains[name]})[1])
     inputs = {name: _checked_inputs(name, domain, modality, data) for name, domain in domains.items()}
     shapes = {name: tuple(x.shape[1:]) for name, x in inputs.items()}
     if len(set(shapes.values())) > 1:
@@ -244,6 +281,9 @@ def _prepare(
         )
     dropped = {}
     for name in domains:
+        if fixed.get(name) is not None:
+            dropped[name] = 0  # rows are episode members: one input may rightly be in two episodes
+            continue
         keep = _first_occurrences(inputs[name])
         dropped[name] = len(labels[name]) - len(keep)
         inputs[name], labels[name] = inputs[name][keep], labels[name][keep]
@@ -255,13 +295,15 @@ def _prepare(
     train, val = split_per_class(source_y, data.val_fraction, data.split_seed)
     normalise = _normaliser(modality, source_x[train], data.log1p)
     held_out = {name: _unlabelled_split(labels[name], data) for name in target}
-    present = {name: set(labels[name].tolist()) for name in domains}
+    present = {name: set(labels[name].tolist()) for name in shared}
     everywhere = set().union(*present.values())
     return PreparedData(
         source_train=Pool(normalise(source_x[train]), source_y[train], source_domain[train]),
         source_val=Pool(normalise(source_x[val]), source_y[val], source_domain[val]),
         targets={
-            name: Pool(normalise(inputs[name][kept]), labels[name][kept])
+            name: Pool(
+                normalise(inputs[name][kept]), labels[name][kept], None, *(fixed[name] or (None, None))
+            )
             for name, (kept, _) in held_out.items()
         },
         target_unlabelled={name: normalise(inputs[name][held]) for name, (_, held) in held_out.items()},
@@ -272,10 +314,35 @@ def _prepare(
         duplicates_dropped=dropped,
         missing_classes={
             name: [class_names[c] for c in sorted(everywhere - present[name])]
-            for name in domains
-            if everywhere - present[name]
+            for name in target
+            if name in shared and everywhere - present[name]
         },
     )
+
+
+def _fixed_episodes(
+    name: str, domain: Domain, fixed: FixedEpisodeSpec | None
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(episode number, is-support) per row of a target domain with fixed episodes; None without.
+
+    Episodes are numbered in the sorted order of the episode column's values (numbers as numbers).
+    """
+    if fixed is None:
+        return None
+    _check_columns(domain.table, [fixed.episode, fixed.role], f"target domain {name!r}")
+    columns = domain.table.select_columns([fixed.episode, fixed.role])[:]
+    values, roles = columns[fixed.episode], [str(role) for role in columns[fixed.role]]
+    if any(value is None for value in values):
+        raise StudyError(f"target domain {name!r}: column {fixed.episode!r} has rows without an episode")
+    unknown = sorted(set(roles) - {fixed.support, fixed.query})
+    if unknown:
+        raise StudyError(
+            f"target domain {name!r}: column {fixed.role!r} holds {unknown}, neither the support value "
+            f"{fixed.support!r} nor the query value {fixed.query!r}; set data.fixed_episodes.support / .query"
+        )
+    number = {value: i for i, value in enumerate(sorted(set(values)))}
+    episode = torch.tensor([number[value] for value in values], dtype=torch.long)
+    return episode, torch.tensor([role == fixed.support for role in roles])
 
 
 def _unlabelled_split(labels: torch.Tensor, data: DataSpec) -> tuple[torch.Tensor, torch.Tensor]:
@@ -587,9 +654,9 @@ def _to_state(prepared: PreparedData) -> dict[str, Any]:
     """Plain tensors and builtins, so the cache loads with torch.load's safe (weights-only) mode."""
     return {
         **vars(prepared),
-        "source_train": (prepared.source_train.x, prepared.source_train.y, prepared.source_train.domain),
-        "source_val": (prepared.source_val.x, prepared.source_val.y, prepared.source_val.domain),
-        "targets": {name: (pool.x, pool.y) for name, pool in prepared.targets.items()},
+        "source_train": prepared.source_train.parts(),
+        "source_val": prepared.source_val.parts(),
+        "targets": {name: pool.parts() for name, pool in prepared.targets.items()},
     }
 
 
@@ -599,6 +666,6 @@ def _from_state(state: dict[str, Any]) -> PreparedData:
             **state,
             "source_train": Pool(*state["source_train"]),
             "source_val": Pool(*state["source_val"]),
-            "targets": {name: Pool(*xy) for name, xy in state["targets"].items()},
+            "targets": {name: Pool(*parts) for name, parts in state["targets"].items()},
         }
     )

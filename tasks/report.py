@@ -146,10 +146,7 @@ def report_study(study: StudyRun, spec: StudySpec, results: list[Result]) -> pd.
             path = Path(folder) / name
             frame.to_csv(path, index=False)
             log_file(study.client, study.run_id, path)
-    caption = (
-        f"{spec.episodes.ways}-way, {spec.episodes.queries} queries, {spec.episodes.eval_episodes} "
-        f"target episodes per seed, seeds {spec.seeds}: {interval_caption(summary)}."
-    )
+    caption = f"{spec.protocol()}: {interval_caption(summary)}."
     markdown = f"## {spec.name}\n\n{caption}\n\n{format_table(summary, markdown=True)}\n"
     log_flat(study.client, study.run_id, metrics=summary_metrics(summary), tags={NOTE_TAG: note(markdown)})
     create_markdown_artifact(
