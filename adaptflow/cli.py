@@ -129,9 +129,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _validate(spec_path: str, overrides: list[str]) -> int:
+    spec = _load(spec_path, overrides)  # before the heavy imports: a spec error takes a second, not ten
     from flows.study import validate_study
 
-    spec = _load(spec_path, overrides)
     prepared = validate_study(spec)
     classes = len(prepared.class_names)
     print(f"{spec_path}: valid. {classes} classes; rows per domain: {prepared.rows_per_domain}")
@@ -166,12 +166,12 @@ def _load(spec_path: str, overrides: list[str]) -> StudySpec:
 def _run(
     spec_path: str, overrides: list[str], tracking_uri: str | None, workers: int, address: str | None
 ) -> int:
+    spec = _load(spec_path, overrides)  # before the heavy imports: a spec error takes a second, not ten
     from flows.study import shared_prefect_server, study, task_runner, validate_study
     from tasks.report import format_table
     from tasks.summary import interval_caption
     from tasks.tracking import check_reachable
 
-    spec = _load(spec_path, overrides)
     uri = tracking_uri or settings.default_tracking_uri()
     check_reachable(uri)  # a tracking server that is down fails here, before any data is loaded
     validate_study(spec)  # fail fast, before a Prefect server starts or MLflow is touched
@@ -184,10 +184,7 @@ def _run(
         )
     import pandas as pd
 
-    print(
-        f"\n{spec.name}: {spec.episodes.ways}-way, {spec.episodes.queries} queries, "
-        f"{spec.episodes.eval_episodes} target episodes per seed, seeds {spec.seeds}"
-    )
+    print(f"\n{spec.name}: {spec.protocol()}")
     summary = pd.DataFrame(rows)
     print(f"{interval_caption(summary)}:\n")
     print(format_table(summary))

@@ -343,3 +343,24 @@ def test_studies_started_together_share_a_new_sqlite_store(tmp_path: Path) -> No
     assert [child.returncode for child in children] == [0, 0, 0], errors
     client = MlflowClient(tracking_uri=uri)
     assert len(client.search_runs([client.get_experiment_by_name("concurrent").experiment_id])) == 3
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["run", "missing.yaml"], "spec file missing.yaml not found"),
+        (["validate", str(DEMO), "--set", "train.steps=-1"], "(from --set train.steps=-1)"),
+        (["run", str(DEMO), "--set", "episodes.wayz=3"], "episodes.wayz: unknown key"),
+    ],
+)
+def test_spec_errors_come_before_the_heavy_imports(args: list[str], message: str) -> None:
+    """A missing file, bad YAML or a mistyped key is reported before PyTorch, Prefect or MLflow load
+    (docs/benchmarks.md has the time from the command line: under a second)."""
+    probe = (
+        "import sys; from adaptflow.cli import main; code = main(sys.argv[1:]); "
+        "print(sorted(m for m in ('torch', 'prefect', 'mlflow', 'datasets') if m in sys.modules)); "
+        "sys.exit(code)"
+    )
+    done = subprocess.run([sys.executable, "-c", probe, *args], capture_output=True, text=True, cwd=ROOT)
+    assert done.returncode == 2 and message in done.stderr
+    assert done.stdout.strip() == "[]"
