@@ -88,6 +88,7 @@ def meta_train(
     loss is NaN or infinite.
     """
     device = torch.device(device)
+    learner.training_steps = steps
     history = TrainingHistory()
     best_state: dict[str, torch.Tensor] = {}
     validation = validation.to(device)

@@ -50,12 +50,16 @@ def toy_learner(name: str, hparams: dict[str, Any], num_classes: int = 8) -> Alg
     return learner
 
 
-def toy_episodes(num_tasks: int = 3, seed: int = 0, ways: int = WAYS) -> metalib.EpisodeBatch:
+def toy_data(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """Eight classes with separated means, so episodes have signal to learn from."""
     generator = torch.Generator().manual_seed(seed)
     y = torch.arange(160) % 8
     x = torch.randn(8, TOY_FEATURES, generator=generator)[y] + 0.5 * torch.randn(160, TOY_FEATURES)
-    return metalib.EpisodeSampler(x, y, ways, shots=2, queries=3, seed=seed).sample(num_tasks)
+    return x, y
+
+
+def toy_episodes(num_tasks: int = 3, seed: int = 0, ways: int = WAYS) -> metalib.EpisodeBatch:
+    return metalib.EpisodeSampler(*toy_data(seed), ways, shots=2, queries=3, seed=seed).sample(num_tasks)
 
 
 @pytest.mark.parametrize("case", CASES, ids=case_id)
@@ -141,6 +145,29 @@ def test_dann_without_unlabelled_target_rows_says_so() -> None:
     learner = algorithms.create("dann", net, ways=WAYS, num_classes=8)
     with pytest.raises(RuntimeError, match="set_unlabelled_target"):
         learner.meta_train_step(toy_episodes())
+
+
+def test_dann_weight_follows_ganin_et_al_over_the_whole_training() -> None:
+    """lambda_p = 2 / (1 + exp(-10 p)) - 1 with p the training progress from 0 to 1 (Ganin et al. 2016),
+    scaled by domain_weight; warmup_steps, when set, replaces the whole training as the span."""
+    learner = toy_learner("dann", {"domain_weight": 0.5})
+    sampler = metalib.EpisodeSampler(*toy_data(), WAYS, shots=2, queries=3, seed=0)
+    weights = []
+    original = learner.meta_train_step
+
+    def recording(batch: metalib.EpisodeBatch) -> dict[str, float]:
+        weights.append(learner.reversal_weight())
+        return original(batch)
+
+    learner.meta_train_step = recording  # type: ignore[method-assign]
+    metalib.meta_train(
+        learner, sampler, steps=8, meta_batch=1, validation=toy_episodes(), val_every=8, progress=False
+    )
+    published = [0.5 * (2 / (1 + np.exp(-10 * step / 8)) - 1) for step in range(8)]
+    np.testing.assert_allclose(weights, published)
+    fixed = toy_learner("dann", {"warmup_steps": 4})
+    fixed.training_steps, fixed.steps_taken = 100, 2
+    np.testing.assert_allclose(fixed.reversal_weight(), 2 / (1 + np.exp(-5)) - 1)
 
 
 def test_gradient_reversal_flips_and_scales_the_gradient() -> None:

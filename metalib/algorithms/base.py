@@ -48,6 +48,9 @@ class Algorithm(nn.Module, ABC):
         self.num_classes = num_classes
         self.hparams = hparams
         self._optimizer: torch.optim.Optimizer | None = None
+        # the number of meta-training steps of the training under way (meta_train sets it), for
+        # schedules defined on the fraction of training done (dann's gradient-reversal weight)
+        self.training_steps = 0
 
     @property
     def optimizer(self) -> torch.optim.Optimizer:

@@ -49,7 +49,9 @@ class DANN(SourceOnly):
     @dataclass
     class HParams(base.HParams):
         domain_weight: float = 1.0  # final weight of the reversed gradient
-        warmup_steps: int = 500  # the weight ramps up as 2 / (1 + exp(-10 p)) - 1, p = step / warmup_steps
+        # the weight ramps up as 2 / (1 + exp(-10 p)) - 1 with p = step / warmup_steps; None: p is the
+        # fraction of the whole training done, as in Ganin et al. (2016)
+        warmup_steps: int | None = None
         discriminator_hidden: int = 128
 
     SEARCH_SPACE = {**LEARNING_RATE, "domain_weight": FloatRange(0.01, 3.0, log=True)}
@@ -80,7 +82,8 @@ class DANN(SourceOnly):
 
     def reversal_weight(self) -> float:
         """Ganin et al.'s schedule: near zero while the discriminator is still random, then domain_weight."""
-        progress = min(1.0, self.steps_taken / max(1, self.hparams.warmup_steps))
+        span = self.hparams.warmup_steps or self.training_steps
+        progress = min(1.0, self.steps_taken / max(1, span))
         return self.hparams.domain_weight * (2.0 / (1.0 + math.exp(-10.0 * progress)) - 1.0)
 
     def meta_train_step(self, batch: EpisodeBatch) -> dict[str, float]:
