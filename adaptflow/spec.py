@@ -22,6 +22,12 @@ if TYPE_CHECKING:
 
 Modality = Literal["auto", "features", "text", "image"]
 DEFAULT_BACKBONES = {"features": "mlp", "text": "text_bag", "image": "conv4"}
+# `data` settings read for one modality only; runs log the ones of the data's modality (applicable_params)
+MODALITY_SETTINGS = {
+    "image": ("image_size", "channels"),
+    "text": ("max_tokens", "ngrams", "tokenizer"),
+    "features": ("log1p", "num_features"),
+}
 
 
 class Strict(BaseModel):
@@ -378,6 +384,18 @@ def flatten(value: Any, prefix: str = "") -> dict[str, str]:
             flat.update(flatten(item, f"{prefix}{index}."))
         return flat
     return {prefix.rstrip("."): str(value)}
+
+
+def applicable_params(spec: StudySpec, modality: str, one_algorithm: bool = False) -> dict[str, str]:
+    """The spec as MLflow params, less what does not apply: unset values, `data` settings of other
+    modalities than the data's, and with `one_algorithm` (an evaluation's run, which logs its own
+    resolved `hparams.*`) the `algorithms.*` entries."""
+    other = {f"data.{key}" for name, keys in MODALITY_SETTINGS.items() if name != modality for key in keys}
+    return {
+        key: value
+        for key, value in flatten(spec).items()
+        if value != "None" and key not in other and not (one_algorithm and key.startswith("algorithms."))
+    }
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:

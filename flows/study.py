@@ -101,7 +101,9 @@ def searched(plan: StudyPlan, run: StudyRun) -> StudyPlan:
 def open_study_run(plan: StudyPlan, tracking_uri: str | None, tags: dict[str, str]) -> StudyRun:
     """The MLflow parent run, with the dataset inputs, linked from the Prefect flow run."""
     datasets = study_datasets(plan.spec, plan.prepared.fingerprint, plan.prepared.rows_per_domain)
-    run = start_study_run(plan.spec, tracking_uri or default_tracking_uri(), tags, datasets)
+    run = start_study_run(
+        plan.spec, tracking_uri or default_tracking_uri(), tags, datasets, plan.prepared.modality
+    )
     link_mlflow_run(run, plan.spec)
     return run
 
@@ -254,6 +256,7 @@ def log_study(plan: StudyPlan, run: StudyRun, pending: list[PendingEvaluation], 
                 target=item.target,
                 shots=item.shots,
                 flow_run_id=flow_run_id,
+                modality=plan.prepared.modality,
                 cached=item.evaluation.state.name == "Cached",
                 model_run_id=model_run_id,
                 search_tags=plan.searches[item.setup.label].tags()

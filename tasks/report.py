@@ -12,12 +12,12 @@ import torch
 from prefect import task
 from prefect.artifacts import create_markdown_artifact
 
-from adaptflow.spec import StudySpec, flatten
+from adaptflow.spec import StudySpec, applicable_params
 from tasks.evaluate import Evaluation
 from tasks.models import model_uri
 from tasks.plots import learning_curve
 from tasks.summary import interval_caption, summarise
-from tasks.tables import accuracy_table, to_markdown
+from tasks.tables import accuracy_table, fit_to_terminal, terminal_width, to_markdown
 from tasks.tracking import TRANSIENT_RETRIES, StudyRun, log_file, log_flat, log_yaml, start_child_run
 from tasks.train import LearnerSetup, TrainedModel
 
@@ -55,6 +55,7 @@ def log_evaluation(
     target: str,
     shots: int,
     flow_run_id: str,
+    modality: str,
     cached: bool,
     model_run_id: str,
     search_tags: dict[str, str] | None = None,
@@ -87,7 +88,10 @@ def log_evaluation(
         study, name, {**tags, "model_run_id": model_run_id, "model_uri": model_uri(model_run_id)}
     )
     try:
-        params = {**flatten(spec), **{f"hparams.{k}": v for k, v in setup.resolved_hparams().items()}}
+        params = {
+            **applicable_params(spec, modality, one_algorithm=True),
+            **{f"hparams.{k}": v for k, v in setup.resolved_hparams().items()},
+        }
         log_flat(client, run_id, params=params, curves=trained.history.curves)
         log_yaml(client, run_id, spec.model_dump(mode="json"), "spec.yaml")
         with tempfile.TemporaryDirectory() as folder:
@@ -129,9 +133,18 @@ def log_evaluation(
 
 
 def format_table(summary: pd.DataFrame, markdown: bool = False) -> str:
-    """Algorithms as rows, target x shots as columns, cells 'acc ± ci' in percent."""
+    """Algorithms as rows, target x shots as columns, cells 'acc ± ci' in percent. Text wider than the
+    terminal (many targets) is laid out with one row per target and algorithm, shots as columns."""
     table = accuracy_table(summary, ["algorithm", "target", "shots"])
-    return to_markdown(table, "algorithm") if markdown else table.to_string()
+    if markdown:
+        return to_markdown(table, "algorithm")
+    text = table.to_string()
+    if max(map(len, text.splitlines())) <= terminal_width():
+        return text
+    targets = list(dict.fromkeys(summary.target))
+    by_target = summary.iloc[summary.target.map(targets.index).argsort(kind="stable")]
+    rows = by_target.assign(row=by_target.target + " · " + by_target.algorithm)
+    return fit_to_terminal(accuracy_table(rows, ["row", "shots"]))
 
 
 @task(name="report", tags=["cpu"])

@@ -33,7 +33,7 @@ from prefect.tasks import exponential_backoff
 from adaptflow.errors import StudyError
 from adaptflow.redact import has_secret, redact, redact_value
 from adaptflow.settings import default_tracking_uri
-from adaptflow.spec import DataSpec, DomainSource, StudySpec, flatten
+from adaptflow.spec import DataSpec, DomainSource, StudySpec, applicable_params
 
 MAX_PARAM_LENGTH = 6000  # MLflow's limits on a param's value and on any key
 MAX_KEY_LENGTH = 250
@@ -193,14 +193,15 @@ def ensure_experiment(client: MlflowClient, name: str, tracking_uri: str) -> str
 
 
 def start_study_run(
-    spec: StudySpec, tracking_uri: str, tags: dict[str, str], datasets: list[DatasetInput]
+    spec: StudySpec, tracking_uri: str, tags: dict[str, str], datasets: list[DatasetInput], modality: str
 ) -> StudyRun:
-    """The parent run with the spec (params and spec.yaml) and the dataset inputs.
+    """The parent run with the spec (the params that apply to the data's `modality`, and spec.yaml
+    whole) and the dataset inputs.
 
     The payloads are built (and, with `study_datasets`, checked by `adaptflow validate`) before the
     run is created, so a spec that cannot be logged leaves no run behind.
     """
-    params, spec_yaml = flatten(spec), spec.model_dump(mode="json")
+    params, spec_yaml = applicable_params(spec, modality), spec.model_dump(mode="json")
     client = open_store(tracking_uri)
     experiment_id = ensure_experiment(client, spec.name, tracking_uri)
     run = client.create_run(

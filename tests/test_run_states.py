@@ -101,7 +101,7 @@ def test_a_half_logged_evaluation_ends_failed_and_compare_skips_it(
         with pytest.raises(OSError):
             log_evaluation(
                 StudyRun(uri, experiment, parent.info.run_id), plan.spec, setup, trained, evaluation,
-                seed=0, target="webcam", shots=1, flow_run_id="test", cached=True,
+                seed=0, target="webcam", shots=1, flow_run_id="test", modality="features", cached=True,
                 model_run_id=model.info.run_id,
             )  # fmt: skip
     finally:

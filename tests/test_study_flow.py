@@ -75,6 +75,9 @@ def test_study_logs_a_parent_and_one_child_per_evaluation(
         assert 0.2 < metrics["source_val_acc"] <= 1.0
         assert params["train.steps"] == "20" and params["backbone.hidden"] == "[256, 128]"
         assert params["hparams.lr"] == "0.001"
+        # only what applies: feature-vector settings, no image or text ones, no other algorithm, no unset
+        assert params["data.log1p"] == "True" and "data.image_size" not in params
+        assert not any(key.startswith("algorithms.") or value == "None" for key, value in params.items())
         loss = client.get_metric_history(run.info.run_id, "train/loss")
         assert sorted(point.step for point in loss) == list(range(1, 21))
         artifacts = {item.path for item in client.list_artifacts(run.info.run_id)}
@@ -83,6 +86,9 @@ def test_study_logs_a_parent_and_one_child_per_evaluation(
     finetune = [run for run in children if run.data.tags["algorithm"] == "finetune"]
     assert all(run.data.params["hparams.adapt_steps"] == "20" for run in finetune)
 
+    assert (
+        parent.data.params["algorithms.0.name"] == ALGORITHMS[0] and "data.ngrams" not in parent.data.params
+    )
     parent_artifacts = {item.path for item in client.list_artifacts(parent.info.run_id)}
     assert {"results.csv", "runs.csv", "spec.yaml"} <= parent_artifacts
     inputs = client.get_run(parent.info.run_id).inputs.dataset_inputs
