@@ -37,7 +37,7 @@ from metalib.statistics import (
 )
 from tasks.report import EPISODES_ARTIFACT
 from tasks.summary import interval_caption, summarise
-from tasks.tables import accuracy_table, to_markdown
+from tasks.tables import accuracy_table, fit_to_terminal, to_markdown
 
 logger = logging.getLogger(__name__)
 
@@ -375,10 +375,10 @@ def render(comparison: Comparison, fmt: str = "table") -> str:
         )
     return "\n\n".join(
         [
-            wide.to_string(),
+            fit_to_terminal(wide),
             notes[0],
             notes[1],
-            shown.to_string(index=False),
+            fit_to_terminal(shown, index=False),
             rank_note,
             ranks.to_string(index=False),
             comparison.friedman_note,

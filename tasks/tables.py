@@ -6,6 +6,8 @@ One row per value of the first key, one column per combination of the others (fo
 
 from __future__ import annotations
 
+import shutil
+
 import pandas as pd
 
 
@@ -78,3 +80,13 @@ def to_markdown(frame: pd.DataFrame, index_label: str = "") -> str:
         cells = ([str(label)] if index else []) + [str(value) for value in row]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def terminal_width() -> int:
+    return max(shutil.get_terminal_size(fallback=(120, 24)).columns, 40)
+
+
+def fit_to_terminal(frame: pd.DataFrame, index: bool = True) -> str:
+    """The table as text no wider than the terminal: columns that do not fit go to further blocks,
+    each repeating the row labels."""
+    return frame.to_string(index=index, line_width=terminal_width())

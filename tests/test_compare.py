@@ -23,6 +23,7 @@ from adaptflow.cli import main
 from adaptflow.errors import StudyError
 from flows.compare import compare_flow
 from tasks.compare import compare, paired_tests, render
+from tasks.report import format_table
 from tasks.tables import accuracy_table
 from tests.conftest import DEMO, TINY_TRAINING, cli_overrides, stop
 
@@ -315,3 +316,23 @@ def test_target_averages_only_for_rows_with_every_target() -> None:
     assert table.at["maml", "webcam 1-shot"] == "–" and table.at["maml", "dslr 1-shot"] == "**90.0 ± 1.0**"
     by_target = accuracy_table(summary, ["algorithm", "target"], average_targets=True)
     assert list(by_target.columns) == ["dslr", "webcam", "avg"]
+
+
+def test_a_table_too_wide_for_the_terminal_gets_a_row_per_target(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Twelve text-benchmark targets at three shot counts would print 400 characters wide."""
+    targets = [f"{a}->{b}" for a in ("books", "dvd", "electronics", "kitchen") for b in ("x", "y", "z")]
+    summary = pd.DataFrame(
+        [
+            {"algorithm": algorithm, "target": target, "shots": shots, "acc": 0.5, "ci95": 0.01}
+            for algorithm in ("protonet", "finetune")
+            for target in targets
+            for shots in (1, 5, 20)
+        ]
+    )
+    monkeypatch.setenv("COLUMNS", "100")
+    lines = format_table(summary).splitlines()
+    assert max(map(len, lines)) <= 100
+    assert lines[0].split() == ["1-shot", "5-shot", "20-shot"] and len(lines) == 1 + 24
+    assert lines[1].startswith("books->x · protonet") and lines[2].startswith("books->x · finetune")
+    monkeypatch.setenv("COLUMNS", "1000")  # wide enough: algorithms as rows, as before
+    assert [line.split()[0] for line in format_table(summary).splitlines()[1:]] == ["protonet", "finetune"]
