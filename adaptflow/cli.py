@@ -1,4 +1,4 @@
-"""The `adaptflow` command: run or validate a study spec, compare an experiment's runs, open the UIs."""
+"""The `adaptflow` command: run, validate or evaluate a study spec, compare an experiment's runs, open the UIs."""
 
 from __future__ import annotations
 
@@ -66,6 +66,32 @@ def main(argv: list[str] | None = None) -> int:
             command.add_argument(
                 "--address", default=None, help="Dask scheduler address, e.g. tcp://host:8786"
             )
+    evaluate = commands.add_parser(
+        "evaluate",
+        help="evaluate a saved model on a spec's targets, without training",
+        description="Adapts the model saved by a study (its model run, or a version of the study's "
+        "registered model) to the episodes of SPEC's targets and scores their queries, logged as a new "
+        "study run. With the study's own spec it meets the same episodes and scores the same accuracies; "
+        "the spec's data and source domains decide the preprocessing, so keep them to evaluate the model "
+        "as its study prepared its inputs.",
+    )
+    evaluate.add_argument(
+        "model_uri",
+        help="runs:/<model run id> (an evaluation run's model_uri tag) or models:/<study>/<version>",
+    )
+    evaluate.add_argument(
+        "--spec", required=True, help="the study spec whose data, targets and episodes to use"
+    )
+    evaluate.add_argument("--target", nargs="+", default=None, help="target domains (default: the spec's)")
+    evaluate.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY.PATH=VALUE",
+        help="override a spec value (repeatable)",
+    )
+    evaluate.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default as for run)")
     compare = commands.add_parser(
         "compare",
         help="compare an experiment's runs: seed-aware 95%% CIs, corrected paired tests, ranks, plots",
@@ -122,6 +148,9 @@ def main(argv: list[str] | None = None) -> int:
             return _compare(args)
         if args.command == "ui":
             return _ui(args.study, args.tracking_uri or settings.default_tracking_uri())
+        if args.command == "evaluate":
+            targets = [f"target=[{', '.join(args.target)}]"] if args.target else []
+            return _run(args.spec, [*args.overrides, *targets], args.tracking_uri, model_uri=args.model_uri)
         return _run(args.spec, args.overrides, args.tracking_uri, args.workers, args.address)
     except StudyError as exc:
         print(f"adaptflow: error: {exc}", file=sys.stderr)
@@ -164,9 +193,16 @@ def _load(spec_path: str, overrides: list[str]) -> StudySpec:
 
 
 def _run(
-    spec_path: str, overrides: list[str], tracking_uri: str | None, workers: int, address: str | None
+    spec_path: str,
+    overrides: list[str],
+    tracking_uri: str | None,
+    workers: int = 1,
+    address: str | None = None,
+    model_uri: str | None = None,
 ) -> int:
+    """Runs the study of a spec; with `model_uri`, evaluates that saved model on the spec's targets."""
     spec = _load(spec_path, overrides)  # before the heavy imports: a spec error takes a second, not ten
+    from flows.evaluate import evaluate_saved_model
     from flows.study import shared_prefect_server, study, task_runner, validate_study
     from tasks.report import format_table
     from tasks.summary import interval_caption
@@ -178,17 +214,22 @@ def _run(
     if has_secret(uri):  # Prefect stores flow parameters: a URI with credentials goes by the environment
         os.environ["MLFLOW_TRACKING_URI"] = uri
     started = time.perf_counter()
+    flow_uri = None if has_secret(uri) else uri
     with shared_prefect_server() if workers > 1 or address else nullcontext():
-        rows = study.with_options(task_runner=task_runner(workers, address))(
-            spec=str(Path(spec_path)), overrides=overrides, tracking_uri=None if has_secret(uri) else uri
-        )
+        if model_uri is None:
+            rows = study.with_options(task_runner=task_runner(workers, address))(
+                spec=str(Path(spec_path)), overrides=overrides, tracking_uri=flow_uri
+            )
+        else:
+            rows = evaluate_saved_model(model_uri, str(Path(spec_path)), overrides, flow_uri)
     import pandas as pd
 
     print(f"\n{spec.name}: {spec.protocol()}")
     summary = pd.DataFrame(rows)
     print(f"{interval_caption(summary)}:\n")
     print(format_table(summary))
-    print(f"\nstudy took {time.perf_counter() - started:.1f} s. Open the results in MLflow and Prefect:")
+    what = "study" if model_uri is None else "evaluation"
+    print(f"\n{what} took {time.perf_counter() - started:.1f} s. Open the results in MLflow and Prefect:")
     store = "" if uri == settings.default_tracking_uri() else f" --tracking-uri {shlex.quote(redact(uri))}"
     print(f"  {_adaptflow_command()} ui --study {shlex.quote(spec.name)}{store}")
     return 0

@@ -267,6 +267,21 @@ def log_study(plan: StudyPlan, run: StudyRun, pending: list[PendingEvaluation], 
     return Logged([future.result() for future in logged], failures)
 
 
+def evaluate_and_report(
+    plan: StudyPlan,
+    run: StudyRun,
+    trainings: dict[TrainingKey, PrefectFuture[TrainedModel]],
+    flow_run_id: str,
+) -> list[dict[str, Any]]:
+    """Evaluates the trained models, logs every run, reports the table; returns its rows. Raises, once
+    everything that finished is logged, if a training or an evaluation failed."""
+    logged = log_study(plan, run, submit_evaluation(plan, trainings), flow_run_id)
+    summary = report_study(run, plan.spec, logged.results) if logged.results else None
+    if logged.failures or summary is None:
+        raise failed(plan.spec, logged)
+    return summary.to_dict(orient="records")
+
+
 def failed(spec: StudySpec, logged: Logged) -> StudyError:
     """The error a study with failures ends with, once everything else is logged."""
     causes = "\n".join(f"  {failure}" for failure in logged.failures)
@@ -363,9 +378,4 @@ def study(
     run = start_study(plan, tracking_uri, {"prefect_flow_run_id": flow_run_id})
     with terminating(run):
         plan = searched(plan, run)
-        pending = submit_evaluation(plan, submit_training(plan))
-        logged = log_study(plan, run, pending, flow_run_id)
-        summary = report_study(run, plan.spec, logged.results) if logged.results else None
-        if logged.failures:
-            raise failed(plan.spec, logged)
-    return summary.to_dict(orient="records")
+        return evaluate_and_report(plan, run, submit_training(plan), flow_run_id)
