@@ -1,4 +1,4 @@
-"""The `adaptflow` command: run, validate or evaluate a study spec, compare an experiment's runs, open the UIs."""
+"""The `adaptflow` command: run, validate or evaluate a study spec, compare runs, open the UIs."""
 
 from __future__ import annotations
 
@@ -66,6 +66,12 @@ def main(argv: list[str] | None = None) -> int:
             command.add_argument(
                 "--address", default=None, help="Dask scheduler address, e.g. tcp://host:8786"
             )
+            command.add_argument(
+                "--verbose",
+                action="store_true",
+                help="print every task's log lines (by default the terminal shows flow-level lines and task "
+                "warnings; the Prefect UI has every line either way)",
+            )
     evaluate = commands.add_parser(
         "evaluate",
         help="evaluate a saved model on a spec's targets, without training",
@@ -92,6 +98,7 @@ def main(argv: list[str] | None = None) -> int:
         help="override a spec value (repeatable)",
     )
     evaluate.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default as for run)")
+    evaluate.add_argument("--verbose", action="store_true", help="print every task's log lines")
     compare = commands.add_parser(
         "compare",
         help="compare an experiment's runs: seed-aware 95%% CIs, corrected paired tests, ranks, plots",
@@ -150,8 +157,16 @@ def main(argv: list[str] | None = None) -> int:
             return _ui(args.study, args.tracking_uri or settings.default_tracking_uri())
         if args.command == "evaluate":
             targets = [f"target=[{', '.join(args.target)}]"] if args.target else []
-            return _run(args.spec, [*args.overrides, *targets], args.tracking_uri, model_uri=args.model_uri)
-        return _run(args.spec, args.overrides, args.tracking_uri, args.workers, args.address)
+            return _run(
+                args.spec,
+                [*args.overrides, *targets],
+                args.tracking_uri,
+                model_uri=args.model_uri,
+                verbose=args.verbose,
+            )
+        return _run(
+            args.spec, args.overrides, args.tracking_uri, args.workers, args.address, verbose=args.verbose
+        )
     except StudyError as exc:
         print(f"adaptflow: error: {exc}", file=sys.stderr)
         return 2
@@ -199,6 +214,7 @@ def _run(
     workers: int = 1,
     address: str | None = None,
     model_uri: str | None = None,
+    verbose: bool = False,
 ) -> int:
     """Runs the study of a spec; with `model_uri`, evaluates that saved model on the spec's targets."""
     spec = _load(spec_path, overrides)  # before the heavy imports: a spec error takes a second, not ten
@@ -207,6 +223,9 @@ def _run(
     from tasks.report import format_table
     from tasks.summary import interval_caption
     from tasks.tracking import check_reachable
+
+    if not verbose:
+        settings.quiet_task_logs()  # after the imports above, which set up Prefect's console handler
 
     uri = tracking_uri or settings.default_tracking_uri()
     check_reachable(uri)  # a tracking server that is down fails here, before any data is loaded

@@ -7,6 +7,7 @@ value is a default: a variable already set in the environment wins.
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -56,3 +57,18 @@ def mlflow_page(ui_url: str, experiment_id: str, run_id: str | None = None) -> s
 
 
 apply_defaults()
+
+
+class QuietTaskRuns(logging.Filter):
+    """Drops task runs' INFO lines ("Finished in state Completed()", per-validation notes) from the
+    terminal; their warnings and errors stay, and the Prefect UI still receives every line."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno >= logging.WARNING or not record.name.startswith("prefect.task_runs")
+
+
+def quiet_task_logs() -> None:
+    """Applies QuietTaskRuns to this process's console handlers (Prefect's console is the root's)."""
+    for handler in logging.getLogger().handlers:
+        if not any(isinstance(f, QuietTaskRuns) for f in handler.filters):
+            handler.addFilter(QuietTaskRuns())

@@ -364,3 +364,24 @@ def test_spec_errors_come_before_the_heavy_imports(args: list[str], message: str
     done = subprocess.run([sys.executable, "-c", probe, *args], capture_output=True, text=True, cwd=ROOT)
     assert done.returncode == 2 and message in done.stderr
     assert done.stdout.strip() == "[]"
+
+
+def test_task_info_lines_stay_off_the_terminal_unless_verbose() -> None:
+    """The console drops task runs' INFO lines once quietened; warnings and flow lines stay."""
+    import logging
+
+    from adaptflow.settings import quiet_task_logs
+
+    seen: list[str] = []
+    console = logging.Handler()
+    console.emit = lambda record: seen.append(f"{record.name} {record.levelname}")  # type: ignore[method-assign]
+    root = logging.getLogger()
+    root.addHandler(console)
+    try:
+        quiet_task_logs()
+        for name, level in [("prefect.task_runs", logging.INFO), ("prefect.task_runs", logging.WARNING),
+                            ("prefect.flow_runs", logging.INFO)]:  # fmt: skip
+            root.handle(logging.LogRecord(name, level, __file__, 1, "message", None, None))
+    finally:
+        root.removeHandler(console)
+    assert seen == ["prefect.task_runs WARNING", "prefect.flow_runs INFO"]
