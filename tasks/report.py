@@ -13,6 +13,7 @@ from prefect import task
 from prefect.artifacts import create_markdown_artifact
 
 from adaptflow.spec import StudySpec, applicable_params
+from tasks.changes import report_changes
 from tasks.evaluate import Evaluation
 from tasks.models import model_uri
 from tasks.plots import learning_curve
@@ -41,6 +42,8 @@ class Result:
     accuracies: torch.Tensor
     run_id: str
     cached: bool
+    train_seconds: float  # of the execution that trained the model (a cached rerun reports that one's)
+    eval_seconds: float
 
 
 @task(name="log-evaluation", tags=["cpu"], **TRANSIENT_RETRIES)
@@ -129,6 +132,8 @@ def log_evaluation(
         evaluation.accuracies,
         run_id,
         cached,
+        trained.seconds,
+        evaluation.seconds,
     )
 
 
@@ -150,7 +155,8 @@ def format_table(summary: pd.DataFrame, markdown: bool = False) -> str:
 @task(name="report", tags=["cpu"])
 def report_study(study: StudyRun, spec: StudySpec, results: list[Result]) -> pd.DataFrame:
     """Logs the per-run and summary tables to the parent run, the summary as its metrics and
-    description (so the answer is on the study's own MLflow page), and posts a Prefect artifact."""
+    description (so the answer is on the study's own MLflow page), and posts a Prefect artifact; then
+    posts what moved since the previous run of the same spec (tasks/changes.py)."""
     runs = pd.DataFrame([vars(result) for result in results])
     summary = summarise(runs)
     per_run = runs.drop(columns="accuracies")
@@ -165,6 +171,7 @@ def report_study(study: StudyRun, spec: StudySpec, results: list[Result]) -> pd.
     create_markdown_artifact(
         markdown=markdown, key="study-results", description=f"results of study {spec.name}"
     )
+    report_changes(study, spec, summary, per_run)
     return summary
 
 

@@ -135,6 +135,14 @@ def test_rerun_reuses_cached_work_and_reproduces_the_numbers(
     assert {child_key(r): r.data.metrics["acc"] for r in new} == {
         child_key(r): r.data.metrics["acc"] for r in old
     }
+    # the rerun was compared with the first run of the same spec and cells: nothing moved
+    from prefect.artifacts import Artifact
+
+    first, second = sorted(parents, key=lambda run: run.info.start_time)
+    assert first.data.tags["spec_digest"] == second.data.tags["spec_digest"]
+    changes = Artifact.get("changes")
+    assert changes is not None and f"Changes since run {first.info.run_id}" in changes.data
+    assert "Nothing moved beyond its interval" in changes.data
 
 
 def test_recomputing_with_the_same_seeds_gives_the_same_numbers(first_run: FirstRun) -> None:
