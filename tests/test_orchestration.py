@@ -194,22 +194,12 @@ def test_study_deployment_runs_on_the_worker(deployed: Server, tmp_path: Path) -
     assert [a.data for a in artifacts if a.type == "progress"] == [100.0]
 
 
-def test_leave_one_out_makes_each_domain_the_target_once() -> None:
-    from flows.sweep import DomainPair, leave_one_domain_out
-
-    assert leave_one_domain_out(["a", "b", "c"]) == [
-        DomainPair(source=["b", "c"], target=["a"]),
-        DomainPair(source=["a", "c"], target=["b"]),
-        DomainPair(source=["a", "b"], target=["c"]),
-    ]
-
-
 def test_sweep_fans_out_and_resumes_from_its_cache(deployed: Server, tmp_path: Path) -> None:
     parameters = {
         "spec": "studies/demo.yaml",
         "overrides": [*TINY, "episodes.shots=[1]"],
-        # two pairs, the fewest that can overlap; leave_one_out feeds the same list (test below)
-        "pairs": [{"source": ["amazon"], "target": ["dslr"]}, {"source": ["caltech"], "target": ["webcam"]}],
+        "pairs": [{"source": ["amazon"], "target": ["dslr"]}],
+        "leave_one_out": ["caltech", "webcam"],  # caltech -> webcam and webcam -> caltech
         "tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}",
     }
     first = run(deployed, "sweep/sweep", parameters)
@@ -219,19 +209,19 @@ def test_sweep_fans_out_and_resumes_from_its_cache(deployed: Server, tmp_path: P
     overlapping = [a for a, b in zip(spans, spans[1:]) if b[0] < a[1]]
     assert overlapping, "no two task runs of the sweep ran at the same time"
     trains = [t for t in task_runs if t.name.rsplit("-", 1)[0] == "train"]
-    assert len(trains) == 2 and all(t.state.name == "Completed" for t in trains)
+    assert len(trains) == 3 and all(t.state.name == "Completed" for t in trains)
 
     second = run(deployed, "sweep/sweep", parameters)
     assert second.state.is_completed(), second.state
     again = api(deployed, "read_task_runs", flow_run_filter=flow_run_filter(second.id))
-    assert sorted(t.state.name for t in again if t.name.rsplit("-", 1)[0] == "train") == ["Cached"] * 2
+    assert sorted(t.state.name for t in again if t.name.rsplit("-", 1)[0] == "train") == ["Cached"] * 3
 
     client = MlflowClient(tracking_uri=parameters["tracking_uri"])
     experiment = client.get_experiment_by_name("office-caltech-demo")
     parents = [
         r for r in client.search_runs([experiment.experiment_id]) if r.data.tags.get("kind") == "study"
     ]
-    assert len(parents) == 4  # one per domain pair and sweep run
+    assert len(parents) == 6  # one per domain pair and sweep run
     assert sorted({r.data.tags["prefect_flow_run_id"] for r in parents}) == sorted(
         [str(first.id), str(second.id)]
     )
