@@ -29,6 +29,14 @@ class TrainingHistory:
         for name, value in metrics.items():
             self.curves.setdefault(name, []).append((step, value))
 
+    @classmethod
+    def from_dict(cls, saved: dict[str, Any]) -> TrainingHistory:
+        """Back from `asdict(history)` after a round trip through torch.save or JSON (pairs as lists)."""
+        curves = {
+            name: [(int(step), value) for step, value in points] for name, points in saved["curves"].items()
+        }
+        return cls(curves, saved["best_step"], saved["best_val_acc"])
+
 
 class NonFiniteLoss(ArithmeticError):
     """A training step's loss was NaN or infinite: the weights it would leave are useless."""
@@ -58,9 +66,8 @@ class Checkpoint:
     @classmethod
     def from_bytes(cls, data: bytes) -> Checkpoint:
         fields = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
-        history = fields.pop("history")
-        curves = {name: [tuple(point) for point in points] for name, points in history["curves"].items()}
-        return cls(**fields, history=TrainingHistory(curves, history["best_step"], history["best_val_acc"]))
+        history = TrainingHistory.from_dict(fields.pop("history"))
+        return cls(**fields, history=history)
 
 
 def meta_train(

@@ -149,12 +149,8 @@ def load_trained(tracking_uri: str, run_id: str) -> TrainedModel:
     saved = json.loads(_artifact(client, run_id, HISTORY, f"runs:/{run_id}"))
     with tempfile.TemporaryDirectory() as folder:
         state = torch.load(client.download_artifacts(run_id, WEIGHTS, folder), weights_only=True)
-    curves = {
-        name: [(int(step), value) for step, value in points] for name, points in saved["curves"].items()
-    }
-    history = TrainingHistory(curves, saved["best_step"], saved["best_val_acc"])
     resumed = int(client.get_run(run_id).data.tags.get("resumed_from_step", 0))
-    return TrainedModel(state, history, saved["seconds"], resumed)
+    return TrainedModel(state, TrainingHistory.from_dict(saved), saved["seconds"], resumed)
 
 
 def _artifact(client: MlflowClient, run_id: str, name: str, model_uri: str) -> str:
