@@ -8,7 +8,7 @@ bad YAML or a mistyped key is reported without waiting for PyTorch to load.
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, get_args
 
@@ -20,13 +20,21 @@ from adaptflow.errors import StudyError
 if TYPE_CHECKING:
     from metalib.search_space import SearchSpace
 
-Modality = Literal["auto", "features", "text", "image"]
-DEFAULT_BACKBONES = {"features": "mlp", "text": "text_bag", "image": "conv4"}
-# `data` settings read for one modality only; runs log the ones of the data's modality (applicable_params)
-MODALITY_SETTINGS = {
-    "image": ("image_size", "channels"),
-    "text": ("max_tokens", "ngrams", "tokenizer"),
-    "features": ("log1p", "num_features"),
+
+@dataclass(frozen=True)
+class ModalityInfo:
+    """What the spec knows of a modality; tasks/modalities/<name>.py turns its data into tensors."""
+
+    backbone: str  # the default backbone for data of this modality
+    settings: tuple[str, ...] = ()  # `data` keys only it reads; runs log those of the data's modality
+
+
+# The one list of modalities: `data.modality` accepts these names (and auto). It lives here, not with
+# the code that prepares each modality, because a spec is checked before PyTorch and `datasets` load.
+MODALITIES: dict[str, ModalityInfo] = {
+    "features": ModalityInfo("mlp", ("log1p", "num_features")),
+    "text": ModalityInfo("text_bag", ("max_tokens", "ngrams", "tokenizer")),
+    "image": ModalityInfo("conv4", ("image_size", "channels")),
 }
 
 
@@ -72,7 +80,7 @@ class DataSpec(Strict):
     label: str = "label"
     domain: str = "domain"  # column naming each row's domain; unused when `domains` is given
     domains: dict[str, DomainSource] | None = None  # one dataset, config or split per domain
-    modality: Modality = "auto"  # auto: from the input column's feature type
+    modality: str = "auto"  # a name in MODALITIES, or auto: from the input column's feature type
     image_size: int = Field(28, ge=4)  # images are resized to image_size x image_size
     channels: Literal[1, 3] = 3  # images are converted to grayscale (1) or RGB (3)
     max_tokens: int = Field(256, ge=1)  # text: hashed n-grams kept per example
@@ -88,6 +96,16 @@ class DataSpec(Strict):
     # labels (dann); those rows are never evaluated on, for any algorithm
     target_unlabelled_fraction: float = Field(0.0, ge=0, lt=1)
     fixed_episodes: FixedEpisodeSpec | None = None  # default: target episodes drawn at random (seeded)
+
+    @field_validator("modality", mode="before")
+    @classmethod
+    def _known_modality(cls, value: Any) -> Any:
+        """Read from MODALITIES when checked, so a modality added at run time is accepted too."""
+        names = ("auto", *MODALITIES)
+        if value not in names:
+            *first, last = map(repr, names)
+            raise ValueError(f"Input should be {', '.join(first)} or {last}")
+        return value
 
     @model_validator(mode="after")
     def _has_a_source(self) -> DataSpec:
@@ -206,7 +224,7 @@ class StudySpec(Strict):
     def _default_backbone(self) -> StudySpec:
         """With the modality given, the default backbone is known (and logged) from the spec alone."""
         if self.backbone is None and self.data.modality != "auto":
-            self.backbone = Options(name=DEFAULT_BACKBONES[self.data.modality])
+            self.backbone = Options(name=MODALITIES[self.data.modality].backbone)
         return self
 
     @model_validator(mode="after")
@@ -344,7 +362,7 @@ class StudySpec(Strict):
 
     def backbone_for(self, modality: str) -> Options:
         """The spec's backbone, or the default for the modality the data turned out to have."""
-        return self.backbone or Options(name=DEFAULT_BACKBONES[modality])
+        return self.backbone or Options(name=MODALITIES[modality].backbone)
 
 
 def load_spec(source: str | Path | dict[str, Any], overrides: Iterable[str] = ()) -> StudySpec:
@@ -390,7 +408,7 @@ def applicable_params(spec: StudySpec, modality: str, one_algorithm: bool = Fals
     """The spec as MLflow params, less what does not apply: unset values, `data` settings of other
     modalities than the data's, and with `one_algorithm` (an evaluation's run, which logs its own
     resolved `hparams.*`) the `algorithms.*` entries."""
-    other = {f"data.{key}" for name, keys in MODALITY_SETTINGS.items() if name != modality for key in keys}
+    other = {f"data.{key}" for name, info in MODALITIES.items() if name != modality for key in info.settings}
     return {
         key: value
         for key, value in flatten(spec).items()

@@ -1,8 +1,9 @@
 """Prepare: load data with Hugging Face `datasets`, split it into domains, make tensors once.
 
 Domains come from a column of one dataset, or from one dataset, config or split per domain
-(`data.domains`). Inputs are feature vectors, text or images, chosen from the input column's
-feature type (or `data.modality`). The result holds one label space aligned by class name,
+(`data.domains`). Inputs are made tensors by a modality (tasks/modalities/: feature vectors, text,
+images), chosen from the input column's feature type (or `data.modality`); target episodes may be
+fixed by the data (tasks/fixed_episodes.py). The result holds one label space aligned by class name,
 the source domains split into train and validation pools, and one pool per target domain,
 with duplicate inputs removed. Every problem with the data is reported here, before any
 training, with what to change. Results are cached on disk, keyed by the dataset fingerprints
@@ -23,24 +24,23 @@ from typing import Any
 import datasets
 import numpy as np
 import torch
-import torch.nn.functional as F
 from prefect import task
 from prefect.logging import get_run_logger
-from tqdm.auto import tqdm
 
 from adaptflow.errors import StudyError
 from adaptflow.settings import PROJECT_DIR
-from adaptflow.spec import DEFAULT_BACKBONES, DataSpec, DomainSource, FixedEpisodeSpec, StudySpec
-from metalib import FixedEpisodes, episode_shape_problems, split_per_class
-from metalib.backbones import hf_encoder, text_bag
+from adaptflow.spec import MODALITIES, DataSpec, DomainSource, FixedEpisodeSpec, StudySpec
+from metalib import episode_shape_problems, split_per_class
+from tasks import fixed_episodes, modalities
 from tasks.caching import stable_inputs
 
 CACHE_DIR = PROJECT_DIR / ".cache" / "prepared"
 CODE_VERSION = hashlib.sha256(
-    b"".join(Path(module).read_bytes() for module in (__file__, text_bag.__file__, hf_encoder.__file__))
+    b"".join(
+        path.read_bytes()
+        for path in (Path(__file__), Path(fixed_episodes.__file__), *modalities.source_files())
+    )
 ).hexdigest()
-LUMA = torch.tensor([0.299, 0.587, 0.114])  # ITU-R 601-2, as PIL converts RGB to L
-PROGRESS_ROWS = 20_000  # show a progress bar when converting more rows than this
 
 
 @dataclass(frozen=True)
@@ -78,7 +78,7 @@ class PreparedData:
     class_names: list[str]
     fingerprint: str  # of the loaded datasets and the preparation settings
     rows_per_domain: dict[str, int]  # after removing duplicates
-    modality: str  # features | text | image
+    modality: str  # a name in adaptflow.spec.MODALITIES
     duplicates_dropped: dict[str, int]  # per domain, and "source" for repeats across source domains
     # target domain -> classes other domains have and it lacks (source domains are pooled, and may
     # well have classes of their own, as Omniglot's alphabets do)
@@ -198,7 +198,7 @@ def prepare_data(data: DataSpec, source: list[str], target: list[str]) -> Prepar
         "duplicates dropped %s",
         prepared.modality,
         data.modality,
-        DEFAULT_BACKBONES[prepared.modality],
+        MODALITIES[prepared.modality].backbone,
         len(prepared.class_names),
         prepared.rows_per_domain,
         prepared.duplicates_dropped,
@@ -209,7 +209,9 @@ def prepare_data(data: DataSpec, source: list[str], target: list[str]) -> Prepar
 def check_episode_shapes(spec: StudySpec, prepared: PreparedData) -> None:
     """Every pool must supply its episodes: enough classes, enough examples per class."""
     ways, queries = spec.episodes.ways, spec.episodes.queries
-    _check_fixed_episodes(spec, prepared)
+    for name, pool in prepared.targets.items():
+        if pool.episode is not None and pool.support is not None:
+            fixed_episodes.check_shape(name, (pool.x, pool.y, pool.episode, pool.support), spec.episodes)
     needs = [
         ("source training pool", prepared.source_train, spec.train_ways, spec.train_shots),
         ("source validation pool", prepared.source_val, ways, spec.train_shots),
@@ -236,25 +238,6 @@ def check_episode_shapes(spec: StudySpec, prepared: PreparedData) -> None:
         )
 
 
-def _check_fixed_episodes(spec: StudySpec, prepared: PreparedData) -> None:
-    """Fixed target episodes must be few-shot episodes of the shape the spec evaluates."""
-    for name, pool in prepared.targets.items():
-        if pool.episode is None or pool.support is None:
-            continue
-        try:
-            shapes = FixedEpisodes(pool.x, pool.y, pool.episode, pool.support).shapes()
-        except ValueError as exc:
-            raise StudyError(f"target domain {name!r}: {exc}") from None
-        ways, shots = sorted({w for w, _ in shapes}), sorted({k for _, k in shapes})
-        if ways != [spec.episodes.ways] or shots != spec.episodes.shots:
-            raise StudyError(
-                f"target domain {name!r} has fixed episodes of ways {ways} and shots {shots}, but the spec "
-                f"asks for episodes.ways={spec.episodes.ways}, episodes.shots={spec.episodes.shots}; set "
-                f"episodes.ways: {ways[0]} and episodes.shots: {shots} (fixed episodes are evaluated as "
-                "the data defines them)"
-            )
-
-
 def _prepare(
     domains: dict[str, Domain], data: DataSpec, source: list[str], target: list[str], fingerprint: str
 ) -> PreparedData:
@@ -272,7 +255,8 @@ def _prepare(
     class_names, labels = _label_space(shared)
     for name in domains.keys() - shared.keys():
         labels.update(_label_space({name: domains[name]})[1])
-    inputs = {name: _checked_inputs(name, domain, modality, data) for name, domain in domains.items()}
+    kind = modalities.get(modality)
+    inputs = {name: _checked_inputs(name, domain, kind, data) for name, domain in domains.items()}
     shapes = {name: tuple(x.shape[1:]) for name, x in inputs.items()}
     if len(set(shapes.values())) > 1:
         raise StudyError(
@@ -293,7 +277,7 @@ def _prepare(
     source_x, source_y = source_x[keep], torch.cat([labels[name] for name in source])[keep]
     source_domain = torch.cat([torch.full((len(labels[name]),), i) for i, name in enumerate(source)])[keep]
     train, val = split_per_class(source_y, data.val_fraction, data.split_seed)
-    normalise = _normaliser(modality, source_x[train], data.log1p)
+    normalise = kind.normaliser(source_x[train], data)
     held_out = {name: _unlabelled_split(labels[name], data) for name in target}
     present = {name: set(labels[name].tolist()) for name in shared}
     everywhere = set().union(*present.values())
@@ -323,26 +307,11 @@ def _prepare(
 def _fixed_episodes(
     name: str, domain: Domain, fixed: FixedEpisodeSpec | None
 ) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """(episode number, is-support) per row of a target domain with fixed episodes; None without.
-
-    Episodes are numbered in the sorted order of the episode column's values (numbers as numbers).
-    """
+    """(episode number, is-support) per row of a target domain with fixed episodes; None without."""
     if fixed is None:
         return None
     _check_columns(domain.table, [fixed.episode, fixed.role], f"target domain {name!r}")
-    columns = domain.table.select_columns([fixed.episode, fixed.role])[:]
-    values, roles = columns[fixed.episode], [str(role) for role in columns[fixed.role]]
-    if any(value is None for value in values):
-        raise StudyError(f"target domain {name!r}: column {fixed.episode!r} has rows without an episode")
-    unknown = sorted(set(roles) - {fixed.support, fixed.query})
-    if unknown:
-        raise StudyError(
-            f"target domain {name!r}: column {fixed.role!r} holds {unknown}, neither the support value "
-            f"{fixed.support!r} nor the query value {fixed.query!r}; set data.fixed_episodes.support / .query"
-        )
-    number = {value: i for i, value in enumerate(sorted(set(values)))}
-    episode = torch.tensor([number[value] for value in values], dtype=torch.long)
-    return episode, torch.tensor([role == fixed.support for role in roles])
+    return fixed_episodes.read(name, domain.table, fixed)
 
 
 def _unlabelled_split(labels: torch.Tensor, data: DataSpec) -> tuple[torch.Tensor, torch.Tensor]:
@@ -373,7 +342,7 @@ def _modality(domains: dict[str, Domain], data: DataSpec) -> str:
     """`data.modality`, or the one the input columns' feature types imply (the same in every domain)."""
     if data.modality != "auto":
         return data.modality
-    found = {name: _feature_modality(d.table.features[d.input]) for name, d in domains.items()}
+    found = {name: modalities.detect(d.table.features[d.input]) for name, d in domains.items()}
     if len(set(found.values())) > 1:
         raise StudyError(f"the input columns hold different kinds of data per domain: {found}; align them.")
     modality = next(iter(found.values()))
@@ -385,26 +354,6 @@ def _modality(domains: dict[str, Domain], data: DataSpec) -> str:
             "set data.modality (text, image or features) or data.input."
         )
     return modality
-
-
-def _feature_modality(feature: Any) -> str | None:
-    """Image feature or nested (2-D/3-D) arrays: image; strings: text; flat lists and lists of
-    {index, count} pairs (sparse): feature vectors.
-
-    Flat pixel lists look like feature vectors (counts are often uint8 too): set data.modality: image.
-    """
-    if isinstance(feature, datasets.Image | datasets.Array2D | datasets.Array3D):
-        return "image"
-    if isinstance(feature, datasets.Value):
-        return "text" if feature.dtype in ("string", "large_string") else None
-    if isinstance(feature, datasets.List | datasets.LargeList | datasets.Sequence):
-        inner = feature.feature
-        return (
-            "image"
-            if isinstance(inner, datasets.List | datasets.LargeList | datasets.Sequence)
-            else "features"
-        )
-    return None
 
 
 def _label_space(domains: dict[str, Domain]) -> tuple[list[str], dict[str, torch.Tensor]]:
@@ -459,128 +408,18 @@ def _label_values(name: str, domain: Domain) -> list[int | str]:
     return [int(v) if isinstance(v, float) else v for v in column]
 
 
-def _checked_inputs(name: str, domain: Domain, modality: str, data: DataSpec) -> torch.Tensor:
+def _checked_inputs(name: str, domain: Domain, kind: modalities.Modality, data: DataSpec) -> torch.Tensor:
     """One domain's inputs as a tensor; rows without an input, or with NaN or infinite values (which
     would turn every loss they reach into NaN), are errors naming the domain."""
     column = domain.table.select_columns([domain.input]).with_format("arrow")[:][domain.input]
     where = f"domain {name!r}: input column {domain.input!r}"
     if column.null_count:
         raise StudyError(f"{where} has {column.null_count} of {len(column)} rows without an input (null)")
-    x = _input_tensor(domain, modality, data)
+    x = kind.tensor(domain.table.select_columns([domain.input]), domain.input, data)
     bad = int((~torch.isfinite(x.reshape(len(x), -1))).any(1).sum())
     if bad:
         raise StudyError(f"{where} has {bad} of {len(x)} rows with NaN or infinite values; drop or fill them")
     return x
-
-
-def _input_tensor(domain: Domain, modality: str, data: DataSpec) -> torch.Tensor:
-    column = domain.table.select_columns([domain.input])
-    if modality == "text":
-        texts = column[:][domain.input]
-        if data.tokenizer:
-            return hf_encoder.tokenize(texts, data.tokenizer, data.max_tokens)
-        return text_bag.hash_ngrams(_progress(texts, "tokenising", len(texts)), data.ngrams, data.max_tokens)
-    if modality == "image":
-        return _image_tensor(column, domain.input, data.image_size, data.channels)
-    if _is_sparse(domain.table.features[domain.input]):
-        return _sparse_tensor(column, domain.input, data.num_features)
-    array = column.with_format("numpy")[:][domain.input]
-    if array.dtype == object or not np.issubdtype(array.dtype, np.number):
-        raise StudyError(
-            f"column {domain.input!r} does not hold numeric feature vectors of one length "
-            f"(feature type: {domain.table.features[domain.input]}); set data.input to such a column, "
-            "or data.modality if it holds text or images."
-        )
-    return torch.as_tensor(array, dtype=torch.float32).reshape(len(array), -1)
-
-
-def _is_sparse(feature: Any) -> bool:
-    """A list of {index, count} pairs (one feature vector stored sparsely)."""
-    return (
-        isinstance(feature, datasets.List | datasets.LargeList | datasets.Sequence)
-        and isinstance(feature.feature, dict)
-        and set(feature.feature) == {"index", "count"}
-    )
-
-
-def _sparse_tensor(table: datasets.Dataset, column: str, num_features: int | None) -> torch.Tensor:
-    """Lists of {index, count} pairs as dense float vectors [rows, num_features]; repeated indices add up."""
-    if num_features is None:
-        raise StudyError(
-            f"column {column!r} holds sparse {{index, count}} pairs: set data.num_features to the length "
-            "of the dense feature vector (indices count from 0)"
-        )
-    lists = table.with_format("arrow")[:][column].combine_chunks()
-    pairs = lists.flatten()
-    index = torch.as_tensor(pairs.field("index").to_numpy(zero_copy_only=False).astype(np.int64))
-    count = torch.as_tensor(pairs.field("count").to_numpy(zero_copy_only=False).astype(np.float32))
-    if len(index) and (index.min() < 0 or index.max() >= num_features):
-        raise StudyError(
-            f"column {column!r} has feature indices from {int(index.min())} to {int(index.max())}, outside "
-            f"0..{num_features - 1}; set data.num_features to the dense length (indices count from 0)"
-        )
-    lengths = np.diff(lists.offsets.to_numpy())
-    rows = torch.as_tensor(np.repeat(np.arange(len(lists)), lengths))
-    out = torch.zeros(len(lists), num_features)
-    out.index_put_((rows, index), count, accumulate=True)
-    return out
-
-
-def _image_tensor(table: datasets.Dataset, column: str, size: int, channels: int) -> torch.Tensor:
-    """Images (Image feature or pixel arrays) as float [rows, channels, size, size] in [0, 1] for 8-bit data.
-
-    Image files are decoded in the spec's mode; pixel arrays may be flat (a square image,
-    gray or RGB), HxW or HxWxC. Mixed sizes and modes are converted row by row.
-    """
-    feature = table.features[column]
-    if isinstance(feature, datasets.Image):
-        table = table.cast_column(column, datasets.Image(mode="L" if channels == 1 else "RGB"))
-    scale = 255.0 if isinstance(feature, datasets.Image) or _integer_pixels(feature) else 1.0
-    images = (image for batch in table.with_format("numpy").iter(batch_size=1000) for image in batch[column])
-    out = torch.empty(len(table), channels, size, size)
-    for i, image in enumerate(_progress(images, "converting images", len(table))):
-        pixels = torch.as_tensor(np.asarray(image, dtype=np.float32)) / scale
-        out[i] = _resize(_channels_first(pixels, channels, column), size)
-    return out
-
-
-def _integer_pixels(feature: Any) -> bool:
-    while isinstance(feature, datasets.List | datasets.LargeList | datasets.Sequence):
-        feature = feature.feature
-    return "int" in feature.dtype  # Value and Array2D/3D both name their dtype
-
-
-def _channels_first(pixels: torch.Tensor, channels: int, column: str) -> torch.Tensor:
-    """One image as [channels, H, W]: flat square lists reshaped, alpha dropped, gray <-> RGB."""
-    if pixels.dim() == 1:
-        for depth in (1, 3):
-            side = math.isqrt(len(pixels) // depth)
-            if side * side * depth == len(pixels):
-                pixels = pixels.view(side, side, depth)
-                break
-        else:
-            raise StudyError(
-                f"column {column!r} holds a flat pixel list of length {len(pixels)}, which is not a square "
-                "gray or RGB image; store images as HxW / HxWxC arrays or as an Image feature."
-            )
-    if pixels.dim() == 2:
-        pixels = pixels.unsqueeze(-1)
-    pixels = (pixels[..., :1] if pixels.shape[-1] == 2 else pixels[..., :3]).permute(2, 0, 1)  # no alpha
-    if pixels.shape[0] == channels:
-        return pixels
-    if channels == 1:
-        return (pixels * LUMA.view(3, 1, 1)).sum(0, keepdim=True)
-    return pixels.expand(3, -1, -1)
-
-
-def _resize(image: torch.Tensor, size: int) -> torch.Tensor:
-    if image.shape[-2:] == (size, size):
-        return image
-    return F.interpolate(image[None], size=(size, size), mode="bilinear", antialias=True)[0]
-
-
-def _progress(items: Any, what: str, total: int) -> Any:
-    return tqdm(items, desc=what, total=total, unit="rows", disable=total <= PROGRESS_ROWS, leave=False)
 
 
 def _first_occurrences(x: torch.Tensor) -> torch.Tensor:
@@ -589,23 +428,6 @@ def _first_occurrences(x: torch.Tensor) -> torch.Tensor:
     keys = rows.view(np.dtype((np.void, rows.dtype.itemsize * rows.shape[1]))).ravel()
     _, first = np.unique(keys, return_index=True)
     return torch.as_tensor(np.sort(first))
-
-
-def _normaliser(modality: str, reference: torch.Tensor, log1p: bool) -> Any:
-    """Standardisation with statistics of the source training rows only: per feature, or per channel."""
-    if modality == "text":
-        return lambda x: x
-    if modality == "image":
-        mean = reference.mean((0, 2, 3), keepdim=True)
-        std = reference.std((0, 2, 3), keepdim=True).clamp_min(1e-6)
-        return lambda x: (x - mean) / std
-
-    def transform(x: torch.Tensor) -> torch.Tensor:
-        return torch.log1p(x.clamp_min(0)) if log1p else x
-
-    mean = transform(reference).mean(0)
-    std = transform(reference).std(0).clamp_min(1e-6)
-    return lambda x: (transform(x) - mean) / std
 
 
 def _fingerprint(domains: dict[str, Domain], data: DataSpec, source: list[str], target: list[str]) -> str:
