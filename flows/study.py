@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import closing, contextmanager
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -29,6 +29,7 @@ from tasks.artifacts import link_mlflow_run, study_run_name
 from tasks.evaluate import Evaluation, evaluate_model
 from tasks.models import log_failed_training, log_model
 from tasks.prepare import PreparedData, check_episode_shapes, prepare, prepare_data
+from tasks.progress import StudyProgress
 from tasks.report import Result, log_evaluation, report_study
 from tasks.run_states import OWNER_TAG, end_stale_runs, owner
 from tasks.search import Searched
@@ -223,47 +224,51 @@ def log_study(plan: StudyPlan, run: StudyRun, pending: list[PendingEvaluation], 
     models: dict[int, str | None] = {}  # id of a training's future -> its model run (None: it failed)
     failures: list[str] = []
     logged = []
-    for item in pending:
-        trained_for = item.target if item.setup.uses_unlabelled_target else None
-        if id(item.trained) not in models:
-            item.trained.wait()
-            if item.trained.state.is_completed():
-                model = log_model.submit(run, item.setup, item.trained, item.seed, trained_for).result()
-            else:
-                where = f", target {trained_for}" if trained_for else ""
-                failures.append(
-                    f"training {item.setup.label}, seed {item.seed}{where}: {error_of(item.trained)}"
+    trainings = {id(item.trained): item.trained for item in pending}.values()
+    progress = StudyProgress(plan.spec.name, trainings, [item.evaluation for item in pending])
+    with closing(progress):
+        for item in pending:
+            progress.publish()  # the counts so far, before waiting on this item
+            trained_for = item.target if item.setup.uses_unlabelled_target else None
+            if id(item.trained) not in models:
+                item.trained.wait()
+                if item.trained.state.is_completed():
+                    model = log_model.submit(run, item.setup, item.trained, item.seed, trained_for).result()
+                else:
+                    where = f", target {trained_for}" if trained_for else ""
+                    failures.append(
+                        f"training {item.setup.label}, seed {item.seed}{where}: {error_of(item.trained)}"
+                    )
+                    log_failed_training.submit(run, item.setup, item.seed, trained_for, failures[-1]).result()
+                    model = None
+                models[id(item.trained)] = model
+            model_run_id = models[id(item.trained)]
+            if model_run_id is None:
+                continue
+            item.evaluation.wait()
+            if not item.evaluation.state.is_completed():
+                where = f"{item.setup.label} seed {item.seed} on {item.target}, {item.shots} shots"
+                failures.append(f"evaluating {where}: {error_of(item.evaluation)}")
+                continue
+            logged.append(
+                log_evaluation.submit(
+                    run,
+                    plan.spec,
+                    item.setup,
+                    item.trained,
+                    item.evaluation,
+                    seed=item.seed,
+                    target=item.target,
+                    shots=item.shots,
+                    flow_run_id=flow_run_id,
+                    modality=plan.prepared.modality,
+                    cached=item.evaluation.state.name == "Cached",
+                    model_run_id=model_run_id,
+                    search_tags=plan.searches[item.setup.label].tags()
+                    if item.setup.label in plan.searches
+                    else None,
                 )
-                log_failed_training.submit(run, item.setup, item.seed, trained_for, failures[-1]).result()
-                model = None
-            models[id(item.trained)] = model
-        model_run_id = models[id(item.trained)]
-        if model_run_id is None:
-            continue
-        item.evaluation.wait()
-        if not item.evaluation.state.is_completed():
-            where = f"{item.setup.label} seed {item.seed} on {item.target}, {item.shots} shots"
-            failures.append(f"evaluating {where}: {error_of(item.evaluation)}")
-            continue
-        logged.append(
-            log_evaluation.submit(
-                run,
-                plan.spec,
-                item.setup,
-                item.trained,
-                item.evaluation,
-                seed=item.seed,
-                target=item.target,
-                shots=item.shots,
-                flow_run_id=flow_run_id,
-                modality=plan.prepared.modality,
-                cached=item.evaluation.state.name == "Cached",
-                model_run_id=model_run_id,
-                search_tags=plan.searches[item.setup.label].tags()
-                if item.setup.label in plan.searches
-                else None,
             )
-        )
     return Logged([future.result() for future in logged], failures)
 
 

@@ -1,11 +1,11 @@
-"""Prefect artifacts that point from the Prefect UI to the results: MLflow links, training progress."""
+"""Prefect artifacts that point from the Prefect UI to the results: links to MLflow runs."""
 
 from __future__ import annotations
 
 import re
 from typing import TYPE_CHECKING
 
-from prefect.artifacts import create_link_artifact, create_progress_artifact, update_progress_artifact
+from prefect.artifacts import create_link_artifact
 from prefect.runtime import flow_run
 
 from adaptflow import settings
@@ -44,14 +44,3 @@ def link_mlflow_run(run: StudyRun, spec: StudySpec) -> None:
         description=f"{spec.name}: source {', '.join(spec.source)} -> target {', '.join(spec.target)} "
         f"(tracking URI {redact(run.tracking_uri)})",
     )
-
-
-class TrainingProgress:
-    """A progress artifact on the train task run, moved on at each source-validation step."""
-
-    def __init__(self, steps: int, description: str) -> None:
-        self.steps = max(steps, 1)
-        self.artifact_id = create_progress_artifact(progress=0.0, description=description)
-
-    def update(self, step: int) -> None:
-        update_progress_artifact(self.artifact_id, progress=100.0 * min(step, self.steps) / self.steps)

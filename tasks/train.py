@@ -21,10 +21,10 @@ from metalib.algorithms import Algorithm
 from metalib.device import resolve_device
 from metalib.seeding import derive_seed
 from metalib.training import NonFiniteLoss
-from tasks.artifacts import TrainingProgress
 from tasks.caching import stable_inputs
 from tasks.checkpoints import CheckpointStore
 from tasks.prepare import Pool, PreparedData
+from tasks.progress import ProgressArtifact
 
 # Seconds between looks at a flow run sent to a work pool (train_on_pool).
 POLL_SECONDS = 2.0
@@ -150,7 +150,7 @@ def train_model(
     resume = checkpoints.load()
     if resume is not None:
         logger.info("%s seed %d: resuming from the checkpoint at step %d", setup.label, seed, resume.step)
-    progress = TrainingProgress(train.steps, f"meta-training {setup.label}, seed {seed}, on {device}")
+    progress = ProgressArtifact(train.steps, f"meta-training {setup.label}, seed {seed}, on {device}")
 
     def on_validate(step: int, acc: float) -> None:
         logger.info(

@@ -191,7 +191,10 @@ def test_study_deployment_runs_on_the_worker(deployed: Server, tmp_path: Path) -
     by_key = {a.key: a for a in artifacts if a.key}
     assert {"study-results", "mlflow-office-caltech-demo-webcam-dslr"} <= set(by_key)
     assert parent.info.run_id in by_key["mlflow-office-caltech-demo-webcam-dslr"].data
-    assert [a.data for a in artifacts if a.type == "progress"] == [100.0]
+    progress = {a.task_run_id is None: a for a in artifacts if a.type == "progress"}
+    assert progress[False].data == 100.0  # the training's, on its task run
+    study = progress[True]  # the whole study's, on the flow run: 1 training, 2 targets x 1 shot
+    assert study.data == 100.0 and study.description.endswith("1/1 trainings, 2/2 evaluations")
 
 
 def test_sweep_fans_out_and_resumes_from_its_cache(deployed: Server, tmp_path: Path) -> None:

@@ -1,0 +1,71 @@
+"""Progress a user can watch: Prefect progress artifacts, and one bar for a whole study.
+
+A study's trainings and evaluations finish in any order (processes, Dask), while the flow logs
+them in submission order; so the study's counts move when a task finishes, from the futures'
+done-callbacks, not when the flow gets round to logging it.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterable
+from typing import Any
+
+from prefect.artifacts import create_progress_artifact, update_progress_artifact
+from prefect.futures import PrefectFuture
+from tqdm.auto import tqdm
+
+
+class ProgressArtifact:
+    """A progress artifact on the current flow or task run: `done` of `total`, with a description."""
+
+    def __init__(self, total: int, description: str) -> None:
+        self.total = max(total, 1)
+        self.artifact_id = create_progress_artifact(progress=0.0, description=description)
+
+    def update(self, done: int, description: str | None = None) -> None:
+        progress = 100.0 * min(done, self.total) / self.total
+        update_progress_artifact(self.artifact_id, progress=progress, description=description)
+
+
+class StudyProgress:
+    """Trainings and evaluations of one study, done of all: a terminal bar with an ETA (when the
+    terminal is a TTY) and a progress artifact on the flow run, so the Prefect UI shows it too.
+
+    The ETA counts a training and an evaluation as one unit each, so it is rough at first.
+    """
+
+    def __init__(
+        self, name: str, trainings: Iterable[PrefectFuture[Any]], evaluations: Iterable[PrefectFuture[Any]]
+    ) -> None:
+        futures = {"trainings": list(trainings), "evaluations": list(evaluations)}
+        self.name = name
+        self.total = {kind: len(items) for kind, items in futures.items()}
+        self.done = dict.fromkeys(futures, 0)
+        self.lock = threading.Lock()
+        self.bar = tqdm(total=sum(self.total.values()), desc=name, unit="task", disable=None)
+        self.artifact = ProgressArtifact(sum(self.total.values()), f"{name}: {self.counts()}")
+        for kind, items in futures.items():
+            for future in items:
+                future.add_done_callback(lambda _, kind=kind: self.finished(kind))
+
+    def counts(self) -> str:
+        return ", ".join(f"{self.done[kind]}/{self.total[kind]} {kind}" for kind in self.total)
+
+    def finished(self, kind: str) -> None:
+        """Called from whichever thread completes the future: only counts and redraws the bar."""
+        with self.lock:
+            self.done[kind] += 1
+            self.bar.set_postfix_str(self.counts(), refresh=False)
+            self.bar.update(1)
+
+    def publish(self) -> None:
+        """Moves the flow run's progress artifact to the counts so far (from the flow's own thread,
+        which holds the Prefect client context)."""
+        with self.lock:
+            done, counts = sum(self.done.values()), self.counts()
+        self.artifact.update(done, f"{self.name}: {counts}")
+
+    def close(self) -> None:
+        self.publish()
+        self.bar.close()
