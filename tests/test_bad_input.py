@@ -4,6 +4,7 @@ and leaves nothing in the MLflow store."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import threading
@@ -385,3 +386,31 @@ def test_task_info_lines_stay_off_the_terminal_unless_verbose() -> None:
     finally:
         root.removeHandler(console)
     assert seen == ["prefect.task_runs WARNING", "prefect.flow_runs INFO"]
+
+
+@pytest.mark.parametrize(
+    ("home", "named"), [(None, "ADAPTFLOW_HOME is not set"), ("elsewhere", "no flows/study.py")]
+)
+def test_a_worker_without_the_project_folder_fails_at_its_pull_step(
+    home: str | None, named: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The deployments' pull step, templated by Prefect as on a worker's host, stops a run that would
+    start outside an adaptflow checkout, and names the variable; with it set, the run enters ROOT."""
+    from prefect.utilities.templating import apply_values
+
+    from adaptflow.errors import StudyError
+
+    (step,) = yaml.safe_load((ROOT / "prefect.yaml").read_text())["pull"]
+    ((name, inputs),) = step.items()
+    module, function = name.rsplit(".", 1)
+    enter = getattr(__import__(module, fromlist=[function]), function)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("ADAPTFLOW_HOME", raising=False)
+    if home is not None:
+        monkeypatch.setenv("ADAPTFLOW_HOME", str(tmp_path / home))
+    with pytest.raises(StudyError, match=named) as error:
+        enter(**apply_values(inputs, os.environ))  # Prefect reads `$NAME` from the environment
+    assert "ADAPTFLOW_HOME" in str(error.value) and Path.cwd() == tmp_path
+    monkeypatch.setenv("ADAPTFLOW_HOME", str(ROOT))
+    assert enter(**apply_values(inputs, os.environ)) == {"directory": str(ROOT)}
+    assert Path.cwd() == ROOT
