@@ -67,8 +67,20 @@ class QuietTaskRuns(logging.Filter):
         return record.levelno >= logging.WARNING or not record.name.startswith("prefect.task_runs")
 
 
+# Set by `quiet_task_logs`, so the task-runner processes it starts quieten their consoles too.
+QUIET_TASK_LOGS = "ADAPTFLOW_QUIET_TASK_LOGS"
+
+
 def quiet_task_logs() -> None:
-    """Applies QuietTaskRuns to this process's console handlers (Prefect's console is the root's)."""
+    """Applies QuietTaskRuns to this process's console handlers (Prefect's console is the root's),
+    and asks the worker processes this process starts to do the same (`quiet_if_asked`)."""
+    os.environ[QUIET_TASK_LOGS] = "1"
     for handler in logging.getLogger().handlers:
         if not any(isinstance(f, QuietTaskRuns) for f in handler.filters):
             handler.addFilter(QuietTaskRuns())
+
+
+def quiet_if_asked() -> None:
+    """In a task-runner worker process: quietens its console when the process that started it did."""
+    if os.environ.get(QUIET_TASK_LOGS):
+        quiet_task_logs()

@@ -20,6 +20,7 @@ from prefect.runtime import deployment, flow_run
 from prefect.settings import PREFECT_API_URL, get_current_settings, temporary_settings
 from prefect.task_runners import ProcessPoolTaskRunner, TaskRunner, ThreadPoolTaskRunner
 
+from adaptflow import settings
 from adaptflow.errors import StudyError
 from adaptflow.settings import default_tracking_uri
 from adaptflow.spec import StudySpec, load_spec
@@ -331,7 +332,13 @@ def processes(workers: int | None = None) -> ProcessPoolTaskRunner:
     workers = workers or get_current_settings().tasks.runner.process_pool_max_workers or os.cpu_count() or 1
     threads = max(1, (os.cpu_count() or 1) // workers)
     # Prefect starts the workers with `spawn` and runs this initializer once in each, before any task
-    return ProcessPoolTaskRunner(max_workers=workers, initializer=torch.set_num_threads, initargs=(threads,))
+    return ProcessPoolTaskRunner(max_workers=workers, initializer=start_worker, initargs=(threads,))
+
+
+def start_worker(threads: int) -> None:
+    """A task-runner process's set-up: its share of the cores, and the CLI's quiet console."""
+    torch.set_num_threads(threads)
+    settings.quiet_if_asked()
 
 
 def task_runner(workers: int, address: str | None = None) -> TaskRunner[Any]:

@@ -76,10 +76,16 @@ def sequential(prefect_server: None, tmp_path_factory: pytest.TempPathFactory) -
     return numbers
 
 
-def test_two_worker_processes_reproduce_a_sequential_run(sequential: Numbers, tmp_path: Path) -> None:
+def test_two_worker_processes_reproduce_a_sequential_run(
+    sequential: Numbers, tmp_path: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
     numbers, spans = run_study(f"sqlite:///{tmp_path / 'mlflow.db'}", "--workers", "2")
     assert overlap(spans), "no two tasks ran at the same time with --workers 2"
     assert numbers == sequential
+    # the workers' consoles are as quiet as the CLI's own: no task INFO line reached the terminal
+    terminal = capfd.readouterr()
+    assert "Finished in state" not in terminal.out + terminal.err
+    assert "source validation accuracy" not in terminal.out + terminal.err
 
 
 @pytest.fixture
