@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 import metalib
 from metalib import algorithms, backbones
-from metalib.algorithms import Algorithm
+from metalib.algorithms import Algorithm, lstm_meta
 from metalib.algorithms.dann import reverse_gradient
 
 WAYS = 5
@@ -177,17 +177,18 @@ def test_gradient_reversal_flips_and_scales_the_gradient() -> None:
     torch.testing.assert_close(x.grad, -0.5 * weights)
 
 
-def test_lstm_meta_inner_loop_lowers_the_support_loss() -> None:
-    learner = toy_learner("lstm_meta", {})
+@pytest.mark.parametrize("adapt", ["all", "head"])
+def test_lstm_meta_inner_loop_lowers_the_support_loss(adapt: str) -> None:
+    learner = toy_learner("lstm_meta", {"adapt": adapt})
     batch = toy_episodes()
-    support = learner.net.encoder(batch.support_x.flatten(0, 1)).unflatten(0, batch.support_x.shape[:2])
-    initial = torch.cat([learner.net.head.weight.flatten(), learner.net.head.bias]).expand(3, -1)
+    module, support, _ = learner.learner(batch.support_x, batch.query_x)
+    initial = lstm_meta.flatten(lstm_meta.trainable(module)).expand(3, -1)
     with torch.no_grad():
-        adapted = learner.unroll(support, batch.support_y)
-        losses = [
-            F.cross_entropy(learner.head_logits(support, params).flatten(0, 1), batch.support_y.flatten())
-            for params in (initial, adapted)
-        ]
+        adapted = learner.unroll(module, support, batch.support_y)
+    losses = [
+        lstm_meta.learner_gradients(module, params, support, batch.support_y)[1].mean()
+        for params in (initial, adapted)
+    ]
     assert losses[1] < losses[0] - 0.01
 
 
