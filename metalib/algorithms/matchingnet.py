@@ -57,7 +57,17 @@ class MatchingNet(EpisodicLearner):
         return support + forward + backward
 
     def contextual_queries(self, queries: torch.Tensor, support: torch.Tensor) -> torch.Tensor:
-        """f(x) after K steps of an LSTM that reads the support by attention; h_k = LSTM(...) + f'(x)."""
+        """f(x) = h_K, after K steps of Vinyals et al.'s attention LSTM over the support g(x_i) (appendix A.2):
+
+            r_{k-1} = sum_i softmax_i(h_{k-1}^T g(x_i)) g(x_i),
+            h^_k, c_k = LSTM(f'(x), [h_{k-1}, r_{k-1}], c_{k-1}),    h_k = h^_k + f'(x),
+
+        from h_0 = f'(x) (h^_0 = 0) and c_0 = 0. The LSTM's input is f'(x) and its state [h, r] is 2D
+        wide, but its output h^ is D wide, so its cell is D wide and its gates are W f'(x) + U [h, r] + b.
+        That is what an LSTMCell computes from input [f'(x), r_{k-1}] and state h_{k-1}: U's
+        r-columns sit in the input weights. (An LSTMCell(D, 2D) whose first D outputs are h^ computes
+        the same, plus a second half of cell and gates that never reaches h^.)
+        """
         num_tasks, num_queries, dim = queries.shape
         flat = queries.flatten(0, 1)  # [T*Q, D]
         keys = support.repeat_interleave(num_queries, dim=0)  # [T*Q, S, D]
