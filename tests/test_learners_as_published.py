@@ -31,7 +31,8 @@ def toy_learner(name: str, **hparams: object) -> Algorithm:
 def toy_episodes(num_tasks: int = 2) -> metalib.EpisodeBatch:
     generator = torch.Generator().manual_seed(0)
     y = torch.arange(160) % 8
-    x = torch.randn(8, FEATURES, generator=generator)[y] + 0.5 * torch.randn(160, FEATURES, generator=generator)
+    centres = torch.randn(8, FEATURES, generator=generator)
+    x = centres[y] + 0.5 * torch.randn(160, FEATURES, generator=generator)
     return metalib.EpisodeSampler(x.double(), y, WAYS, shots=2, queries=3, seed=0).sample(num_tasks)
 
 
@@ -87,7 +88,9 @@ def test_lstm_meta_updates_the_learner_as_ravi_and_larochelle(adapt: str) -> Non
                 forget_gate[name] = ravi_larochelle_gate(
                     learner.forget_gate, grads[name], loss, theta[name], forget_gate[name]
                 )
-            theta = {name: forget_gate[name] * p - input_gate[name] * grads[name] for name, p in theta.items()}
+            theta = {
+                name: forget_gate[name] * p - input_gate[name] * grads[name] for name, p in theta.items()
+            }
         logits = functional_call(module, theta, (inputs(query_x),))
         reference_loss = reference_loss + F.cross_entropy(logits, query_y, reduction="sum")
         written = learner.unroll(*learner.learner(support_x[None], query_x[None])[:2], support_y[None])[0]

@@ -57,7 +57,7 @@ class MatchingNet(EpisodicLearner):
         return support + forward + backward
 
     def contextual_queries(self, queries: torch.Tensor, support: torch.Tensor) -> torch.Tensor:
-        """f(x) = h_K, after K steps of Vinyals et al.'s attention LSTM over the support g(x_i) (appendix A.2):
+        """f(x) = h_K after K steps of Vinyals et al.'s attention LSTM over the support g(x_i) (appendix A.2):
 
             r_{k-1} = sum_i softmax_i(h_{k-1}^T g(x_i)) g(x_i),
             h^_k, c_k = LSTM(f'(x), [h_{k-1}, r_{k-1}], c_{k-1}),    h_k = h^_k + f'(x),
