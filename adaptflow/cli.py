@@ -83,7 +83,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     evaluate.add_argument(
         "model_uri",
-        help="runs:/<model run id> (an evaluation run's model_uri tag) or models:/<study>/<version>",
+        help="models:/<model id> (an evaluation run's model_uri tag), runs:/<model run id> or "
+        "models:/<study>/<version>",
     )
     evaluate.add_argument(
         "--spec", required=True, help="the study spec whose data, targets and episodes to use"

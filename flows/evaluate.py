@@ -49,16 +49,20 @@ def evaluate_saved_model(
     overrides: list[str] | None = None,
     tracking_uri: str | None = None,
 ) -> list[dict[str, Any]]:
-    """Evaluates the model at `model_uri` (runs:/<model run id> or models:/<name>/<version>) on the
-    targets and shots of `spec`; returns the summary table rows."""
+    """Evaluates the model at `model_uri` (models:/<model id>, runs:/<model run id> or
+    models:/<name>/<version>) on the targets and shots of `spec`; returns the summary table rows."""
     tracking_uri = tracking_store(tracking_uri)
     saved = read_saved_model(model_uri, tracking_uri)
     plan = plan_study(load_spec(spec, overrides or []))
     check_fits(saved, plan)
     plan = replace(plan, setups=[saved.setup], searches={})
     flow_run_id = str(flow_run.id)
-    tags = {"prefect_flow_run_id": flow_run_id, "evaluated_model": model_uri, "model_run_id": saved.run_id}
+    tags = {
+        "prefect_flow_run_id": flow_run_id,
+        "evaluated_model": model_uri,
+        "model_run_id": saved.model.run_id,
+    }
     run = start_study(plan, tracking_uri, tags)
     with terminating(run):
-        trained = load_trained.submit(tracking_uri, saved.run_id)
+        trained = load_trained.submit(tracking_uri, saved.model)
         return evaluate_and_report(plan, run, {(0, saved.seed, saved.target): trained}, flow_run_id)

@@ -28,7 +28,7 @@ from flows.search import search_algorithms
 from metalib.seeding import derive_seed
 from tasks.artifacts import link_mlflow_run, study_run_name
 from tasks.evaluate import Evaluation, evaluate_model
-from tasks.models import log_failed_training, log_model
+from tasks.models import ModelRef, log_failed_training, log_model
 from tasks.prepare import PreparedData, check_episode_shapes, prepare, prepare_data
 from tasks.progress import StudyProgress
 from tasks.report import Result, log_evaluation, report_study
@@ -222,7 +222,7 @@ def log_study(plan: StudyPlan, run: StudyRun, pending: list[PendingEvaluation], 
     Each trained model is logged once (a model run the evaluations refer to); a failed training is
     logged as a FAILED model run with its error, and the other trainings' evaluations go on.
     """
-    models: dict[int, str | None] = {}  # id of a training's future -> its model run (None: it failed)
+    models: dict[int, ModelRef | None] = {}  # id of a training's future -> its model (None: it failed)
     failures: list[str] = []
     logged = []
     trainings = {id(item.trained): item.trained for item in pending}.values()
@@ -243,8 +243,8 @@ def log_study(plan: StudyPlan, run: StudyRun, pending: list[PendingEvaluation], 
                     log_failed_training.submit(run, item.setup, item.seed, trained_for, failures[-1]).result()
                     model = None
                 models[id(item.trained)] = model
-            model_run_id = models[id(item.trained)]
-            if model_run_id is None:
+            model = models[id(item.trained)]
+            if model is None:
                 continue
             item.evaluation.wait()
             if not item.evaluation.state.is_completed():
@@ -264,7 +264,7 @@ def log_study(plan: StudyPlan, run: StudyRun, pending: list[PendingEvaluation], 
                     flow_run_id=flow_run_id,
                     modality=plan.prepared.modality,
                     cached=item.evaluation.state.name == "Cached",
-                    model_run_id=model_run_id,
+                    model=model,
                     search_tags=plan.searches[item.setup.label].tags()
                     if item.setup.label in plan.searches
                     else None,

@@ -15,7 +15,7 @@ from prefect.artifacts import create_markdown_artifact
 from adaptflow.spec import StudySpec, applicable_params
 from tasks.changes import report_changes
 from tasks.evaluate import Evaluation
-from tasks.models import model_uri
+from tasks.models import ModelRef
 from tasks.plots import learning_curve
 from tasks.summary import interval_caption, summarise
 from tasks.tables import accuracy_table, fit_to_terminal, terminal_width, to_markdown
@@ -60,13 +60,13 @@ def log_evaluation(
     flow_run_id: str,
     modality: str,
     cached: bool,
-    model_run_id: str,
+    model: ModelRef,
     search_tags: dict[str, str] | None = None,
 ) -> Result:
     """A child run with the tags, params, metrics and artifacts a comparison needs.
 
     Metrics come last: a run with `acc` has all its artifacts, and a run that fails on the way ends
-    FAILED. The weights stay in the model run (`model_run_id`, `model_uri` tags), stored once.
+    FAILED. The weights stay in the logged model (`model_run_id`, `model_uri` tags), stored once.
     """
     name = f"{setup.label}·{target}·{shots}shot·seed{seed}"
     tags = {
@@ -87,9 +87,7 @@ def log_evaluation(
         **(search_tags or {}),
     }
     client = study.client
-    run_id = start_child_run(
-        study, name, {**tags, "model_run_id": model_run_id, "model_uri": model_uri(model_run_id)}
-    )
+    run_id = start_child_run(study, name, {**tags, "model_run_id": model.run_id, "model_uri": model.uri})
     try:
         params = {
             **applicable_params(spec, modality, one_algorithm=True),

@@ -3,6 +3,7 @@ evaluation ends FAILED and compare skips it, runs of dead processes end KILLED, 
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import subprocess
@@ -10,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from mlflow.entities import LoggedModelStatus
 from mlflow.tracking import MlflowClient
 
 from adaptflow.cli import main
@@ -18,6 +20,7 @@ from flows.study import plan_study, training_inputs
 from metalib.seeding import derive_seed
 from tasks.compare import load_runs
 from tasks.evaluate import evaluate_model
+from tasks.models import ModelRef
 from tasks.report import log_evaluation
 from tasks.run_states import OWNER_TAG, end_stale_runs, owner
 from tasks.tracking import StudyRun
@@ -72,9 +75,21 @@ def test_a_diverging_training_fails_alone_and_is_recorded(diverging_study: Study
     assert evaluation.data.tags["algorithm"] == "protonet" and evaluation.info.status == "FINISHED"
     # the weights are stored once, in the model run, and the evaluation refers to it
     assert evaluation.data.tags["model_run_id"] == models["protonet"].info.run_id
-    assert evaluation.data.tags["model_uri"] == f"runs:/{models['protonet'].info.run_id}/weights.pt"
+    model_id = models["protonet"].data.tags["model_id"]
+    assert evaluation.data.tags["model_uri"] == f"models:/{model_id}"
     assert "weights.pt" not in {item.path for item in client.list_artifacts(evaluation.info.run_id)}
-    assert "weights.pt" in {item.path for item in client.list_artifacts(models["protonet"].info.run_id)}
+    assert not client.list_artifacts(models["protonet"].info.run_id)  # nothing in the run itself
+    logged = client.get_logged_model(model_id)
+    assert logged.status == LoggedModelStatus.READY and logged.source_run_id == models["protonet"].info.run_id
+    assert {item.path for item in client.list_logged_model_artifacts(model_id)} == {
+        "weights.pt", "setup.json", "history.json"
+    }  # fmt: skip
+    # the run's outputs list it (MLflow's "Models" column), and its registered version links back
+    outputs = client.get_run(models["protonet"].info.run_id).outputs.model_outputs
+    assert [output.model_id for output in outputs] == [model_id]
+    (version,) = client.search_model_versions(f"run_id = '{models['protonet'].info.run_id}'")
+    linked = json.loads(logged.tags["mlflow.modelVersions"])
+    assert linked == [{"name": version.name, "version": version.version}]
 
 
 @pytest.mark.slow
@@ -102,7 +117,7 @@ def test_a_half_logged_evaluation_ends_failed_and_compare_skips_it(
             log_evaluation(
                 StudyRun(uri, experiment, parent.info.run_id), plan.spec, setup, trained, evaluation,
                 seed=0, target="webcam", shots=1, flow_run_id="test", modality="features", cached=True,
-                model_run_id=model.info.run_id,
+                model=ModelRef(model.info.run_id, model.data.tags["model_id"]),
             )  # fmt: skip
     finally:
         artifacts.unlink()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import mlflow
 import pytest
 import torch
 from mlflow.tracking import MlflowClient
@@ -55,8 +56,10 @@ def test_dann_trains_once_per_target_on_its_unlabelled_rows(prefect_server: None
         if run.data.tags["shots"] == "1":
             folder = tmp_path / run.info.run_id
             folder.mkdir()
+            model_id = run.data.tags["model_uri"].removeprefix("models:/")
+            location = client.get_logged_model(model_id).artifact_location
             states[run.data.tags["target_domain"]] = torch.load(
-                client.download_artifacts(run.data.tags["model_run_id"], "weights.pt", str(folder)),
+                mlflow.artifacts.download_artifacts(f"{location}/weights.pt", dst_path=str(folder)),
                 weights_only=True,
             )
     webcam, dslr = states["webcam"], states["dslr"]
