@@ -391,7 +391,8 @@ def _stop(server: subprocess.Popen[bytes]) -> None:
 
 
 def _study_pages(tracking_uri: str, study: str | None, mlflow: str, prefect: str) -> list[str]:
-    """The lines `adaptflow ui` prints: the study's runs table, its latest parent run, its flow runs
+    """The lines `adaptflow ui` prints: the study's runs table, its latest parent run, its models, its
+    flow runs
     and the latest one. The study is `study` (an experiment name) or the latest of any."""
     database = tracking_uri.removeprefix("sqlite:///")
     if database != tracking_uri and not Path(database).exists():
@@ -414,6 +415,7 @@ def _study_pages(tracking_uri: str, study: str | None, mlflow: str, prefect: str
     lines = [
         f"MLflow   {settings.mlflow_page(mlflow, experiment)}",
         f"         latest run of {name}: {settings.mlflow_page(mlflow, experiment, run_id)}",
+        f"         its models: {settings.mlflow_page(mlflow, experiment, tab='models')}",
         f"Prefect  {prefect}{PREFECT_UI_BASE}/runs?flow-run-search={quote(name)}",
     ]
     flow_run = runs[0].data.tags.get("prefect_flow_run_id")

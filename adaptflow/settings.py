@@ -49,11 +49,12 @@ def mlflow_ui_url(tracking_uri: str) -> str:
     return os.environ.get("ADAPTFLOW_MLFLOW_UI_URL", "http://127.0.0.1:5000").rstrip("/")
 
 
-def mlflow_page(ui_url: str, experiment_id: str, run_id: str | None = None) -> str:
-    """The MLflow UI page of an experiment's runs table, or of one run, in machine-learning mode:
-    MLflow 3.17 opens experiments in its GenAI view unless the URL asks for `workflowType`."""
+def mlflow_page(ui_url: str, experiment_id: str, run_id: str | None = None, tab: str = "runs") -> str:
+    """The MLflow UI page of an experiment's runs table (or `tab="models"`: its logged models), or of
+    one run, in machine-learning mode: MLflow 3.17 opens experiments in its GenAI view unless the URL
+    asks for `workflowType`."""
     run = f"/{run_id}" if run_id else ""
-    return f"{ui_url.rstrip('/')}/#/experiments/{experiment_id}/runs{run}?workflowType=machine_learning"
+    return f"{ui_url.rstrip('/')}/#/experiments/{experiment_id}/{tab}{run}?workflowType=machine_learning"
 
 
 apply_defaults()

@@ -40,6 +40,7 @@ PAGES = [
         2000,
         ["acc/protonet/webcam/1shot", "finetune", "Description"],
     ),
+    ("its models", "mlflow-models.png", 1000, ["protonet·seed0·model", "finetune·seed1·model"]),
     ("Prefect", "prefect-flow-runs.png", 1000, ["office-caltech-demo·webcam+dslr"]),
     (
         "its flow run",

@@ -72,10 +72,11 @@ def test_ui_serves_both_on_free_ports_and_ctrl_c_stops_both(tmp_path: Path) -> N
                 printed += line
             servers = psutil.Process(ui.pid).children(recursive=True)
             urls = re.findall(r"http://\S+", printed)
-            mlflow, prefect = (re.match(r"http://127\.0\.0\.1:(\d+)", url)[0] for url in (urls[0], urls[2]))
+            mlflow, prefect = (re.match(r"http://127\.0\.0\.1:(\d+)", url)[0] for url in (urls[0], urls[3]))
             assert urls == [
                 f"{mlflow}/#/experiments/{experiment}/runs?workflowType=machine_learning",
                 f"{mlflow}/#/experiments/{experiment}/runs/{parent}?workflowType=machine_learning",
+                f"{mlflow}/#/experiments/{experiment}/models?workflowType=machine_learning",
                 f"{prefect}/v2/runs?flow-run-search=tiny-study",
                 f"{prefect}/v2/runs/flow-run/{FLOW_RUN}?tab=Artifacts",
             ]
