@@ -43,8 +43,9 @@ logger = logging.getLogger(__name__)
 
 KEYS = ["algorithm", "source_domains", "target_domain", "shots", "seed"]
 CELL = ["source_domains", "target", "shots"]  # one cell of the comparison; seeds are its replicates
-# What must agree for accuracies to be comparable, besides every `data.*` setting (which decide the
-# rows, their preprocessing and so the episodes).
+# What must agree across the whole comparison for accuracies to be comparable. Every `data.*` setting
+# (which decides the rows, their preprocessing and so the episodes) must agree within each domain pair:
+# different pairs already differ in their data, so a setting of one source (dslr's val_fraction) may too.
 PROTOCOL = [
     "episodes.ways",
     "episodes.queries",
@@ -127,7 +128,7 @@ def load_runs(client: MlflowClient, experiment: str, study: str = "all") -> pd.D
     frame = frame.drop_duplicates(KEYS, keep="last").reset_index(drop=True)
     frame["shots"] = frame["shots"].astype(int)
     frame["seed"] = frame["seed"].astype(int)
-    _check_protocol(frame, protocol)
+    check_protocol(frame, protocol)
     with tempfile.TemporaryDirectory() as folder:
         frame["accuracies"] = [
             torch.tensor(
@@ -386,17 +387,21 @@ def render(comparison: Comparison, fmt: str = "table") -> str:
     )
 
 
-def _check_protocol(frame: pd.DataFrame, protocol: list[str]) -> None:
-    """Refuses to mix runs whose data or evaluation protocol differs, naming the runs on each side."""
+def check_protocol(frame: pd.DataFrame, protocol: list[str]) -> None:
+    """Refuses to mix runs whose evaluation protocol differs, or whose data settings differ within one
+    (source, target) pair, naming the runs on each side."""
     problems = []
     for key in protocol:
-        groups = frame.groupby(frame[key].fillna("(unset)")).run_name.apply(list)
-        if len(groups) > 1:
-            sides = "; ".join(
-                f"{value}: {', '.join(names[:4])}{' …' if len(names) > 4 else ''}"
-                for value, names in groups.items()
-            )
-            problems.append(f"  {key} differs — {sides}")
+        pairs = ["source_domains", "target_domain"] if key.startswith("data.") else []
+        for pair, rows in frame.groupby(pairs) if pairs else [((), frame)]:
+            groups = rows.groupby(rows[key].fillna("(unset)")).run_name.apply(list)
+            if len(groups) > 1:
+                where = f" ({' -> '.join(pair)})" if pairs else ""
+                sides = "; ".join(
+                    f"{value}: {', '.join(names[:4])}{' …' if len(names) > 4 else ''}"
+                    for value, names in groups.items()
+                )
+                problems.append(f"  {key} differs{where} — {sides}")
     if problems:
         raise StudyError(
             "these runs were evaluated under different protocols and cannot be compared:\n"

@@ -22,7 +22,7 @@ from scipy import stats
 from adaptflow.cli import main
 from adaptflow.errors import StudyError
 from flows.compare import compare_flow
-from tasks.compare import compare, paired_tests, render
+from tasks.compare import check_protocol, compare, paired_tests, render
 from tasks.report import format_table
 from tasks.tables import accuracy_table
 from tests.conftest import DEMO, TINY_TRAINING, cli_overrides, stop
@@ -211,6 +211,30 @@ def test_refuses_to_mix_protocols(prefect_server: None, tmp_path: Path) -> None:
     assert "2: " in message and "3: " in message and "seed1" in message and "seed0" in message
     latest = compare(MlflowClient(tracking_uri=uri), "mixed", study="latest").runs
     assert set(latest.seed) == {1} and set(latest.algorithm) == {"protonet", "finetune"}
+
+
+def test_data_settings_must_agree_within_a_domain_pair_and_the_evaluation_protocol_everywhere() -> None:
+    """dslr as a source keeps half its rows for validation, amazon a fifth: their pairs compare together,
+    while two values within one pair, or two query counts anywhere, are refused."""
+    frame = pd.DataFrame(
+        {
+            "source_domains": ["amazon", "amazon", "dslr", "dslr"],
+            "target_domain": ["webcam"] * 4,
+            "run_name": ["protonet·a", "finetune·a", "protonet·d", "finetune·d"],
+            "data.val_fraction": ["0.2", "0.2", "0.5", "0.5"],
+            "episodes.queries": ["3"] * 4,
+        }
+    )
+    protocol = ["data.val_fraction", "episodes.queries"]
+    check_protocol(frame, protocol)
+    within = frame.assign(**{"data.val_fraction": ["0.2", "0.5", "0.5", "0.5"]})
+    with pytest.raises(
+        StudyError, match=r"data.val_fraction differs \(amazon -> webcam\) — 0.2: protonet·a; 0.5"
+    ):
+        check_protocol(within, protocol)
+    across = frame.assign(**{"episodes.queries": ["3", "3", "5", "5"]})
+    with pytest.raises(StudyError, match="episodes.queries differs — 3: protonet·a, finetune·a; 5"):
+        check_protocol(across, protocol)
 
 
 def test_refuses_runs_that_differ_only_in_the_split_or_in_their_episodes(
