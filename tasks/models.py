@@ -1,6 +1,7 @@
 """Model runs: each trained model stored once in MLflow as a logged model, registered, loadable again.
 
-A model run (tag kind=model) produces one (algorithm, seed[, target]) model: an MLflow logged model
+A model run (tag kind=model) holds one (algorithm, seed[, target]) training's curves, summary metrics
+and `learning_curve.png`, and produces its model: an MLflow logged model
 (MLflow 3's `LoggedModel`, listed in the run's "Models" column and the experiment's Models tab) whose
 artifacts are `weights.pt`, `setup.json` (everything that rebuilds the learner: algorithm,
 hyperparameters, backbone, input shape, ways) and `history.json` (its training curves). Evaluation runs
@@ -31,11 +32,13 @@ from prefect import task
 from adaptflow.errors import StudyError
 from metalib import TrainingHistory
 from tasks.caching import stable_token
-from tasks.tracking import TRANSIENT_RETRIES, StudyRun, open_store, start_child_run
+from tasks.plots import learning_curve
+from tasks.tracking import TRANSIENT_RETRIES, StudyRun, log_file, log_flat, open_store, start_child_run
 from tasks.train import LearnerSetup, TrainedModel
 
 WEIGHTS, SETUP, HISTORY = "weights.pt", "setup.json", "history.json"
 MODEL_ID = "model_id"  # the model run's tag naming its logged model
+CURVE = "learning_curve.png"  # in the model run
 
 
 @dataclass(frozen=True)
@@ -101,6 +104,7 @@ def log_model(
             client.log_model_artifacts(model.model_id, folder)
         client.finalize_logged_model(model.model_id, LoggedModelStatus.READY)
         client.log_outputs(run_id, [LoggedModelOutput(model.model_id, step=0)])
+        log_training(client, run_id, trained, name)
         client.set_tag(run_id, MODEL_ID, model.model_id)
         register(study, ModelRef(run_id, model.model_id), model.artifact_location, model.tags)
     except BaseException:
@@ -108,6 +112,22 @@ def log_model(
         raise
     client.set_terminated(run_id, "FINISHED")
     return ModelRef(run_id, model.model_id)
+
+
+def log_training(client: MlflowClient, run_id: str, trained: TrainedModel, name: str) -> None:
+    """The training's curves (`train/loss`, `train/acc`, `val/acc` by step), its summary metrics and
+    `learning_curve.png`, in the model run: once per model, not in each of its evaluation runs."""
+    history = trained.history
+    metrics = {
+        "source_val_acc": history.best_val_acc,
+        "best_step": history.best_step,
+        "train_seconds": trained.seconds,
+    }
+    log_flat(client, run_id, metrics=metrics, curves=history.curves)
+    with tempfile.TemporaryDirectory() as folder:
+        log_file(
+            client, run_id, learning_curve(history.curves, history.best_step, name, Path(folder) / CURVE)
+        )
 
 
 def register(study: StudyRun, model: ModelRef, location: str, tags: dict[str, str]) -> None:

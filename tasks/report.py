@@ -16,7 +16,6 @@ from adaptflow.spec import StudySpec, applicable_params
 from tasks.changes import report_changes
 from tasks.evaluate import Evaluation
 from tasks.models import ModelRef
-from tasks.plots import learning_curve
 from tasks.summary import interval_caption, summarise
 from tasks.tables import accuracy_table, fit_to_terminal, terminal_width, to_markdown
 from tasks.tracking import TRANSIENT_RETRIES, StudyRun, log_file, log_flat, log_yaml, start_child_run
@@ -66,7 +65,8 @@ def log_evaluation(
     """A child run with the tags, params, metrics and artifacts a comparison needs.
 
     Metrics come last: a run with `acc` has all its artifacts, and a run that fails on the way ends
-    FAILED. The weights stay in the logged model (`model_run_id`, `model_uri` tags), stored once.
+    FAILED. The weights stay in the logged model (`model_run_id`, `model_uri` tags), and the training
+    curves in its model run, each stored once.
     """
     name = f"{setup.label}·{target}·{shots}shot·seed{seed}"
     tags = {
@@ -93,16 +93,12 @@ def log_evaluation(
             **applicable_params(spec, modality, one_algorithm=True),
             **{f"hparams.{k}": v for k, v in setup.resolved_hparams().items()},
         }
-        log_flat(client, run_id, params=params, curves=trained.history.curves)
+        log_flat(client, run_id, params=params)
         log_yaml(client, run_id, spec.model_dump(mode="json"), "spec.yaml")
         with tempfile.TemporaryDirectory() as folder:
             episodes = Path(folder) / EPISODES_ARTIFACT
             episodes.write_text(json.dumps(evaluation.accuracies.tolist()))
             log_file(client, run_id, episodes)
-            curve = learning_curve(
-                trained.history.curves, trained.history.best_step, name, Path(folder) / "learning_curve.png"
-            )
-            log_file(client, run_id, curve)
         log_flat(
             client,
             run_id,

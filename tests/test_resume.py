@@ -157,8 +157,8 @@ def test_a_sigkilled_study_resumes_its_training_and_ends_its_stale_run(
     assert results(resumed) == results(reference) and "acc" in results(resumed)
     for run in children:
         assert run.data.tags["model_run_id"] == models[0].info.run_id
-        steps = [point.step for point in client.get_metric_history(run.info.run_id, "train/loss")]
-        assert steps == list(range(1, 301))  # every step once, none twice
+    steps = [point.step for point in client.get_metric_history(models[0].info.run_id, "train/loss")]
+    assert steps == list(range(1, 301))  # every step once, none twice
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)  # MLflow resolves models:/<id> with the global URI
     model = mlflow.artifacts.download_artifacts(resumed.data.tags["model_uri"])
     assert (Path(model) / "weights.pt").is_file()

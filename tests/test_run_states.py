@@ -78,7 +78,9 @@ def test_a_diverging_training_fails_alone_and_is_recorded(diverging_study: Study
     model_id = models["protonet"].data.tags["model_id"]
     assert evaluation.data.tags["model_uri"] == f"models:/{model_id}"
     assert "weights.pt" not in {item.path for item in client.list_artifacts(evaluation.info.run_id)}
-    assert not client.list_artifacts(models["protonet"].info.run_id)  # nothing in the run itself
+    assert [item.path for item in client.list_artifacts(models["protonet"].info.run_id)] == [
+        "learning_curve.png"
+    ]
     logged = client.get_logged_model(model_id)
     assert logged.status == LoggedModelStatus.READY and logged.source_run_id == models["protonet"].info.run_id
     assert {item.path for item in client.list_logged_model_artifacts(model_id)} == {

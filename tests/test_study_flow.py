@@ -78,11 +78,17 @@ def test_study_logs_a_parent_and_one_child_per_evaluation(
         # only what applies: feature-vector settings, no image or text ones, no other algorithm, no unset
         assert params["data.log1p"] == "True" and "data.image_size" not in params
         assert not any(key.startswith("algorithms.") or value == "None" for key, value in params.items())
-        loss = client.get_metric_history(run.info.run_id, "train/loss")
-        assert sorted(point.step for point in loss) == list(range(1, 21))
+        assert not client.get_metric_history(run.info.run_id, "train/loss")  # in the model run, once
         artifacts = {item.path for item in client.list_artifacts(run.info.run_id)}
-        assert {"episode_accuracies.json", "learning_curve.png", "spec.yaml"} <= artifacts
+        assert artifacts == {"episode_accuracies.json", "spec.yaml"}
         assert tags["model_uri"].startswith("models:/m-")  # the logged model, stored once
+    models = client.search_runs([experiment.experiment_id], "tags.kind = 'model'")
+    assert len(models) == len(ALGORITHMS) * len(SEEDS)
+    for model in models:  # the training's curves and plot, once per model
+        loss = client.get_metric_history(model.info.run_id, "train/loss")
+        assert sorted(point.step for point in loss) == list(range(1, 21))
+        assert {item.path for item in client.list_artifacts(model.info.run_id)} == {"learning_curve.png"}
+        assert 0.2 < model.data.metrics["source_val_acc"] <= 1.0
     finetune = [run for run in children if run.data.tags["algorithm"] == "finetune"]
     assert all(run.data.params["hparams.adapt_steps"] == "20" for run in finetune)
 
