@@ -220,7 +220,10 @@ def log_study(plan: StudyPlan, run: StudyRun, pending: list[PendingEvaluation], 
     """One MLflow child run per evaluation, in submission order, marked when it reused the cache.
 
     Each trained model is logged once (a model run the evaluations refer to); a failed training is
-    logged as a FAILED model run with its error, and the other trainings' evaluations go on.
+    logged as a FAILED model run with its error, and the other trainings' evaluations go on. The
+    logging tasks run here, in the flow's thread, as soon as what they log is done: submitted to the
+    task runner, they would queue behind every evaluation, and MLflow would show nothing until the
+    last one finished.
     """
     models: dict[int, ModelRef | None] = {}  # id of a training's future -> its model (None: it failed)
     failures: list[str] = []
@@ -234,13 +237,13 @@ def log_study(plan: StudyPlan, run: StudyRun, pending: list[PendingEvaluation], 
             if id(item.trained) not in models:
                 item.trained.wait()
                 if item.trained.state.is_completed():
-                    model = log_model.submit(run, item.setup, item.trained, item.seed, trained_for).result()
+                    model = log_model(run, item.setup, item.trained, item.seed, trained_for)
                 else:
                     where = f", target {trained_for}" if trained_for else ""
                     failures.append(
                         f"training {item.setup.label}, seed {item.seed}{where}: {error_of(item.trained)}"
                     )
-                    log_failed_training.submit(run, item.setup, item.seed, trained_for, failures[-1]).result()
+                    log_failed_training(run, item.setup, item.seed, trained_for, failures[-1])
                     model = None
                 models[id(item.trained)] = model
             model = models[id(item.trained)]
@@ -252,7 +255,7 @@ def log_study(plan: StudyPlan, run: StudyRun, pending: list[PendingEvaluation], 
                 failures.append(f"evaluating {where}: {error_of(item.evaluation)}")
                 continue
             logged.append(
-                log_evaluation.submit(
+                log_evaluation(
                     run,
                     plan.spec,
                     item.setup,
@@ -268,9 +271,10 @@ def log_study(plan: StudyPlan, run: StudyRun, pending: list[PendingEvaluation], 
                     search_tags=plan.searches[item.setup.label].tags()
                     if item.setup.label in plan.searches
                     else None,
+                    return_state=True,  # a failure is raised below, once the others are logged
                 )
             )
-    return Logged([future.result() for future in logged], failures)
+    return Logged([state.result() for state in logged], failures)
 
 
 def evaluate_and_report(
