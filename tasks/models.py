@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -39,6 +40,7 @@ from tasks.train import LearnerSetup, TrainedModel
 WEIGHTS, SETUP, HISTORY = "weights.pt", "setup.json", "history.json"
 MODEL_ID = "model_id"  # the model run's tag naming its logged model
 CURVE = "learning_curve.png"  # in the model run
+LOGGED_MODEL_NAME_FORBIDS = r"[/:.%\"']"  # characters MLflow refuses in a logged model's name
 
 
 @dataclass(frozen=True)
@@ -89,7 +91,7 @@ def log_model(
         keep = ("algorithm", "algorithm_name", "seed", "target_domain")
         model = client.create_logged_model(
             study.experiment_id,
-            name=name,
+            name=re.sub(LOGGED_MODEL_NAME_FORBIDS, "-", name),  # `protonet [search:loso]` has a ':'
             source_run_id=run_id,
             tags={k: v for k, v in tags.items() if k in keep},
             params={k: str(v) for k, v in setup.resolved_hparams().items()},

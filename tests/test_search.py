@@ -202,6 +202,9 @@ def test_a_leave_one_source_out_search_scores_held_out_sources(
         held_out = [run.data.metrics[f"held_out/{domain}"] for domain in ("amazon", "caltech")]
         assert run.data.metrics["score"] == pytest.approx(sum(held_out) / 2)
         assert run.data.tags["selection_rule"] == "leave_one_source_out"
+    # the searched model is a logged model, its name rid of the characters MLflow refuses (':')
+    (logged,) = client.search_logged_models([experiment])
+    assert logged.name == "source_only [search-loso]·seed0·model"
 
 
 def test_a_training_on_another_pool_rebuilds_the_searched_configuration() -> None:
