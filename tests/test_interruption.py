@@ -29,11 +29,12 @@ ARGS = cli_overrides(
 EVALUATIONS = 8
 
 
-def evaluation_runs(client: MlflowClient) -> list:  # list of mlflow Run
+def evaluation_runs(client: MlflowClient, status: str | None = None) -> list:  # list of mlflow Run
     experiment = client.get_experiment_by_name("interrupted")
     if experiment is None:
         return []
-    return client.search_runs([experiment.experiment_id], "tags.kind = 'evaluation'")
+    where = f" and attributes.status = '{status}'" if status else ""
+    return client.search_runs([experiment.experiment_id], f"tags.kind = 'evaluation'{where}")
 
 
 def test_interrupted_run_keeps_finished_work_and_rerun_resumes(prefect_server: None, tmp_path: Path) -> None:
@@ -49,13 +50,13 @@ def test_interrupted_run_keeps_finished_work_and_rerun_resumes(prefect_server: N
     client = MlflowClient(tracking_uri=uri)
     deadline = time.time() + 300
     try:
-        while not evaluation_runs(client):
+        while not evaluation_runs(client, "FINISHED"):  # one evaluation logged whole, while others run
             assert run.poll() is None, "the study ended before it could be interrupted"
             assert time.time() < deadline, "no evaluation was logged in time"
             time.sleep(0.1)
     finally:
         stop(run, grace=60)
-    finished = {r.info.run_name for r in evaluation_runs(client) if r.info.status == "FINISHED"}
+    finished = {r.info.run_name for r in evaluation_runs(client, "FINISHED")}
     assert 1 <= len(finished) < EVALUATIONS  # kept what it finished, and did not finish everything
     experiment_id = client.get_experiment_by_name("interrupted").experiment_id
     (interrupted,) = client.search_runs([experiment_id], "tags.kind = 'study'")
