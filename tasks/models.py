@@ -75,7 +75,8 @@ def log_model(
     client = study.client
     found = client.search_runs(
         [study.experiment_id],
-        f"tags.kind = 'model' and tags.weights_digest = '{digest}' and attributes.status = 'FINISHED'",
+        f"tags.kind = 'model' and tags.weights_digest = '{digest}' and attributes.status = 'FINISHED' "
+        f"and tags.{MODEL_ID} LIKE 'm-%'",  # a model run of an older adaptflow has no logged model
         max_results=1,
     )
     if found:
