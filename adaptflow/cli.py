@@ -171,6 +171,10 @@ def main(argv: list[str] | None = None) -> int:
     except StudyError as exc:
         print(f"adaptflow: error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C, or SIGTERM through _interrupt
+        resumes = " What finished is kept; the same command again resumes." if args.command == "run" else ""
+        print(f"\nadaptflow: interrupted.{resumes}", file=sys.stderr)
+        return 130
 
 
 def _validate(spec_path: str, overrides: list[str]) -> int:
@@ -219,6 +223,10 @@ def _run(
 ) -> int:
     """Runs the study of a spec; with `model_uri`, evaluates that saved model on the spec's targets."""
     spec = _load(spec_path, overrides)  # before the heavy imports: a spec error takes a second, not ten
+    # SIGTERM as Ctrl-C: Prefect's flow engine hands a SIGTERM on to this handler once it has marked the
+    # flow run, so the process exits through its `finally` blocks and atexit, which stop the temporary
+    # Prefect server, instead of dying and leaving the server behind.
+    signal.signal(signal.SIGTERM, _interrupt)
     from flows.evaluate import evaluate_saved_model
     from flows.study import shared_prefect_server, study, task_runner, validate_study
     from tasks.report import format_table
@@ -329,7 +337,7 @@ def _ui(study: str | None, tracking_uri: str) -> int:
 
 
 def _interrupt(signum: int, frame: FrameType | None) -> None:
-    """Ctrl-C and SIGTERM stop the UIs alike, through the `finally` that stops the servers."""
+    """SIGTERM acts as Ctrl-C: the `finally` blocks that stop servers and worker processes run."""
     raise KeyboardInterrupt
 
 

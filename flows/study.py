@@ -7,6 +7,7 @@ The steps are public so the `sweep` flow (flows/sweep.py) runs many studies from
 
 from __future__ import annotations
 
+import multiprocessing
 import os
 from collections.abc import Iterator
 from contextlib import closing, contextmanager
@@ -329,14 +330,26 @@ def start_study(plan: StudyPlan, tracking_uri: str | None, tags: dict[str, str])
     return run
 
 
-def processes(workers: int | None = None) -> ProcessPoolTaskRunner:
+class StudyProcessPool(ProcessPoolTaskRunner):
+    """Prefect's process pool, except that an interrupted study (SIGTERM, Ctrl-C) stops its worker
+    processes at once: Prefect's pool waits for the running tasks, and a training can take an hour.
+    Nothing is lost: trainings checkpoint, so a rerun resumes them."""
+
+    def __exit__(self, exc_type: Any, exc_value: Any, traceback: Any) -> None:
+        if exc_type is not None and not issubclass(exc_type, Exception):
+            for worker in multiprocessing.active_children():  # in the study process: this pool's only
+                worker.terminate()
+        super().__exit__(exc_type, exc_value, traceback)
+
+
+def processes(workers: int | None = None) -> StudyProcessPool:
     """`workers` processes (default: PREFECT_TASKS_RUNNER_PROCESS_POOL_MAX_WORKERS, else the CPU count),
     each with cores // workers torch threads, so that the workers together use every core once
     instead of each starting as many threads as the machine has cores."""
     workers = workers or get_current_settings().tasks.runner.process_pool_max_workers or os.cpu_count() or 1
     threads = max(1, (os.cpu_count() or 1) // workers)
     # Prefect starts the workers with `spawn` and runs this initializer once in each, before any task
-    return ProcessPoolTaskRunner(max_workers=workers, initializer=start_worker, initargs=(threads,))
+    return StudyProcessPool(max_workers=workers, initializer=start_worker, initargs=(threads,))
 
 
 def start_worker(threads: int) -> None:

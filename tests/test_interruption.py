@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -74,3 +75,44 @@ def test_interrupted_run_keeps_finished_work_and_rerun_resumes(prefect_server: N
     }
     assert len(resumed) == EVALUATIONS
     assert all(resumed[name] == "true" for name in finished)  # finished work was not redone
+
+
+def test_sigterm_stops_the_worker_processes_and_the_temporary_server(tmp_path: Path) -> None:
+    """`kill PID` (what a scheduler sends) to a `--workers 2` study with its own temporary Prefect
+    server: the study exits promptly, says it was interrupted, marks its MLflow run KILLED and leaves
+    no process behind (before, the server outlived it and the workers finished their tasks first)."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    args = [*ARGS, "--workers", "2", "--tracking-uri", uri]
+    env = {key: value for key, value in os.environ.items() if key != "PREFECT_API_URL"}
+    env["PREFECT_HOME"] = str(tmp_path / "prefect")  # a server of its own, not the session's
+    command = [sys.executable, "-m", "adaptflow.cli", "run", str(DEMO), *args]
+    run = subprocess.Popen(command, cwd=ROOT, env=env, start_new_session=True, stdout=subprocess.DEVNULL,
+                           stderr=subprocess.PIPE)  # fmt: skip
+    client = MlflowClient(tracking_uri=uri)
+    deadline = time.time() + 300
+    try:
+        while not evaluation_runs(client, "FINISHED"):  # the workers and the server are up and busy
+            assert run.poll() is None, "the study ended before it could be interrupted"
+            assert time.time() < deadline, "no evaluation was logged in time"
+            time.sleep(0.1)
+        os.kill(run.pid, signal.SIGTERM)  # the main process only, not its group
+        _, stderr = run.communicate(timeout=60)
+    finally:
+        stop(run, grace=10)
+    assert run.returncode == 130
+    assert b"adaptflow: interrupted" in stderr
+    left = time.time() + 15  # the group's last members may take a moment to be reaped
+    while _group_alive(run.pid):
+        assert time.time() < left, "a worker process or the Prefect server outlived the study"
+        time.sleep(0.2)
+    experiment_id = client.get_experiment_by_name("interrupted").experiment_id
+    (interrupted,) = client.search_runs([experiment_id], "tags.kind = 'study'")
+    assert interrupted.info.status == "KILLED"
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    return True
