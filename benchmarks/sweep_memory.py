@@ -5,7 +5,7 @@ so it is not counted) on the demo data: one tiny training per seed, each evaluat
 (target, shots) cell with few episodes. RSS is sampled every 0.2 s by a thread (psutil), and read at
 every 100th finished `evaluate` and `log-evaluation` task (counted from Prefect's task-run log), so
 growth per task shows whether results stay in memory longer than needed. Exits 1 when RSS grew more
-than --limit MiB between the 100th and the last evaluation task.
+than --limit MiB between the 100th and the last task of either kind.
 
     .venv/bin/python benchmarks/sweep_memory.py 2>/dev/null | tee benchmarks/results/sweep_memory_cpu.log
 
@@ -128,21 +128,22 @@ def main() -> int:
         f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.1f} MiB"
     )
     print(f"load average at the end {os.getloadavg()}")
-    evaluated = counter.rss["evaluate"]
-    if len(evaluated) < 2:
-        print("fewer than 200 evaluation tasks: no growth to measure")
-        return 0
-    growth = (evaluated[-1] - evaluated[0]) / MIB
-    per_task = growth / (counter.counts["evaluate"] - counter.every)
-    print(
-        f"growth from evaluation task 100 to {counter.counts['evaluate']}: {growth:.1f} MiB "
-        f"({per_task * 1024:.1f} KiB per task)"
-    )
-    if growth > args.limit:
-        print(f"FAIL: more than {args.limit:g} MiB")
-        return 1
-    return 0
-
+    failed = False
+    for name in ("evaluate", "log-evaluation"):
+        read = counter.rss[name]
+        if len(read) < 2:
+            print(f"fewer than {2 * counter.every} {name} tasks: no growth to measure")
+            continue
+        growth = (read[-1] - read[0]) / MIB
+        per_task = growth / (counter.counts[name] - counter.every)
+        print(
+            f"growth from {name} task {counter.every} to {counter.counts[name]}: {growth:.1f} MiB "
+            f"({per_task * 1024:.1f} KiB per task)"
+        )
+        if growth > args.limit:
+            print(f"FAIL: {name}: more than {args.limit:g} MiB")
+            failed = True
+    return int(failed)
 
 if __name__ == "__main__":
     raise SystemExit(main())

@@ -24,7 +24,8 @@ from mlflow.exceptions import MlflowException, RestException
 from mlflow.tracking import MlflowClient
 from mlflow.utils.credentials import get_default_host_creds
 from mlflow.utils.rest_utils import http_request
-from prefect import Task
+from prefect import Task, task
+from prefect.cache_policies import NO_CACHE
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.objects import State, TaskRun
 from prefect.runtime import flow_run, task_run
@@ -192,11 +193,13 @@ def ensure_experiment(client: MlflowClient, name: str, tracking_uri: str) -> str
         return client.get_experiment_by_name(name).experiment_id
 
 
+@task(name="start-study-run", cache_policy=NO_CACHE, **TRANSIENT_RETRIES)
 def start_study_run(
     spec: StudySpec, tracking_uri: str, tags: dict[str, str], datasets: list[DatasetInput], modality: str
 ) -> StudyRun:
     """The parent run with the spec (the params that apply to the data's `modality`, and spec.yaml
-    whole) and the dataset inputs.
+    whole) and the dataset inputs. A task, so that a transient error retries it like every other
+    write to MLflow; a retry replaces the run its failed attempt left.
 
     The payloads are built (and, with `study_datasets`, checked by `adaptflow validate`) before the
     run is created, so a spec that cannot be logged leaves no run behind.
@@ -204,12 +207,10 @@ def start_study_run(
     params, spec_yaml = applicable_params(spec, modality), spec.model_dump(mode="json")
     client = open_store(tracking_uri)
     experiment_id = ensure_experiment(client, spec.name, tracking_uri)
-    run = client.create_run(
-        experiment_id,
-        run_name=f"study·{spec.name}·{time.strftime('%m-%d %H:%M:%S')}",
-        tags=_tags({"kind": "study", **tags}),
+    name = f"study·{spec.name}·{time.strftime('%m-%d %H:%M:%S')}"
+    study = StudyRun(
+        tracking_uri, experiment_id, _create_run(client, experiment_id, name, {"kind": "study", **tags})
     )
-    study = StudyRun(tracking_uri, experiment_id, run.info.run_id)
     log_flat(study.client, study.run_id, params=params)
     log_yaml(study.client, study.run_id, spec_yaml, "spec.yaml")
     study.client.log_inputs(study.run_id, datasets=datasets)
@@ -251,18 +252,19 @@ def study_datasets(spec: StudySpec, fingerprint: str, rows_per_domain: dict[str,
 
 
 def start_child_run(study: StudyRun, name: str, tags: dict[str, str]) -> str:
-    """A new child run. Inside a Prefect task, the runs an earlier attempt of the same task run
-    left (a retry after a transient error) are deleted first, so a retry never logs a run twice."""
+    """A new child run of the study's run (see `_create_run` for retries)."""
+    return _create_run(study.client, study.experiment_id, name, {"mlflow.parentRunId": study.run_id, **tags})
+
+
+def _create_run(client: MlflowClient, experiment_id: str, name: str, tags: dict[str, str]) -> str:
+    """A new run. Inside a Prefect task, the runs an earlier attempt of the same task run left (a retry
+    after a transient error) are deleted first, so a retry never logs a run twice."""
     attempt = task_run.id
     if attempt:
         tags = {**tags, TASK_RUN_TAG: attempt}
-        earlier = study.client.search_runs([study.experiment_id], f"tags.{TASK_RUN_TAG} = '{attempt}'")
-        for run in earlier:
-            study.client.delete_run(run.info.run_id)
-    run = study.client.create_run(
-        study.experiment_id, run_name=name, tags=_tags({"mlflow.parentRunId": study.run_id, **tags})
-    )
-    return run.info.run_id
+        for run in client.search_runs([experiment_id], f"tags.{TASK_RUN_TAG} = '{attempt}'"):
+            client.delete_run(run.info.run_id)
+    return client.create_run(experiment_id, run_name=name, tags=_tags(tags)).info.run_id
 
 
 def log_flat(

@@ -240,7 +240,9 @@ def test_secrets_are_masked_in_mlflow_params_tags_inputs_and_spec(tmp_path: Path
     url = "https://bob:hunter2@example.com/office.parquet?X-Amz-Credential=AKIA1&X-Amz-Signature=deadbeef"
     spec = load_spec(DEMO, [f"data.path={url}", "data.data_files=[s3://k3y:s3cret@bucket/a.parquet]"])
     datasets = study_datasets(spec, "fingerprint", {"amazon": 1, "caltech": 1, "webcam": 1, "dslr": 1})
-    run = start_study_run(spec, f"sqlite:///{tmp_path / 'mlflow.db'}", {"origin": url}, datasets, "features")
+    run = start_study_run.fn(
+        spec, f"sqlite:///{tmp_path / 'mlflow.db'}", {"origin": url}, datasets, "features"
+    )
     record = run.client.get_run(run.run_id)
     spec_yaml = Path(run.client.download_artifacts(run.run_id, "spec.yaml", str(tmp_path))).read_text()
     written = json.dumps(

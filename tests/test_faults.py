@@ -16,6 +16,7 @@ import threading
 import time
 import urllib.request
 from collections.abc import Iterator
+from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -42,7 +43,7 @@ from adaptflow.errors import StudyError
 from adaptflow.spec import load_spec
 from flows.study import study
 from tasks.models import log_failed_training
-from tasks.tracking import TASK_RUN_TAG, StudyRun, ensure_experiment, is_transient
+from tasks.tracking import TASK_RUN_TAG, StudyRun, ensure_experiment, is_transient, start_study_run
 from tasks.train import LearnerSetup, train_on_pool
 from tests.conftest import DEMO, TINY_TRAINING, cli_overrides, stop
 
@@ -182,7 +183,12 @@ def flaky(mlflow_server: int, monkeypatch: pytest.MonkeyPatch) -> Iterator[Flaky
     """The proxy, failing the first `runs/update` (ending a run); MLflow's own HTTP retries off, so
     each 503 reaches the caller at once instead of being retried for minutes inside MLflow."""
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
-    proxy = FlakyProxy(mlflow_server, "/runs/update", failures=1)
+    with serving(FlakyProxy(mlflow_server, "/runs/update", failures=1)) as proxy:
+        yield proxy
+
+
+@contextmanager
+def serving(proxy: FlakyProxy) -> Iterator[FlakyProxy]:
     thread = threading.Thread(target=proxy.serve_forever, daemon=True)
     thread.start()
     try:
@@ -242,6 +248,34 @@ def test_a_logging_task_retries_a_503_and_leaves_one_run(prefect_server: None, f
     assert first_attempt.data.tags[TASK_RUN_TAG] == run.data.tags[TASK_RUN_TAG]
     (task_run,) = task_runs(flow_runs()[0])
     assert task_run.run_count == 2 and task_run.state.is_completed()
+
+
+def test_the_study_run_start_retries_a_503_and_leaves_one_run(
+    prefect_server: None, mlflow_server: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The parent run is created, then logging its params gets a 503: start-study-run retries after a
+    backoff, the retry deletes the first attempt's run, and MLflow shows one study run, complete."""
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    spec = load_spec(DEMO, ["name=retried-start"])
+
+    @flow
+    def start(uri: str) -> StudyRun:
+        return start_study_run(spec, uri, {"origin": "test"}, [], "features")
+
+    with serving(FlakyProxy(mlflow_server, "/runs/log-batch", failures=1)) as proxy:
+        run = start(f"http://127.0.0.1:{proxy.server_address[1]}")
+        assert proxy.answered_503 == 1
+    client = MlflowClient(f"http://127.0.0.1:{mlflow_server}")
+    experiment = client.get_experiment_by_name("retried-start").experiment_id
+    (kept,) = client.search_runs([experiment], "tags.kind = 'study'")
+    assert kept.info.run_id == run.run_id
+    assert kept.data.params["episodes.ways"] == str(spec.episodes.ways) and kept.data.tags["origin"] == "test"
+    (first_attempt,) = client.search_runs(
+        [experiment], "tags.kind = 'study'", run_view_type=ViewType.DELETED_ONLY
+    )
+    assert first_attempt.data.tags[TASK_RUN_TAG] == kept.data.tags[TASK_RUN_TAG]
+    (task_run,) = task_runs(flow_runs()[0])
+    assert task_run.name.startswith("start-study-run") and task_run.run_count == 2
 
 
 @pytest.fixture
