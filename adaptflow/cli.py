@@ -45,7 +45,8 @@ def main(argv: list[str] | None = None) -> int:
             command.add_argument(
                 "--tracking-uri",
                 default=None,
-                help="MLflow URI (default: $MLFLOW_TRACKING_URI, else mlflow.db in $ADAPTFLOW_HOME or .)",
+                help="MLflow URI, or prefect-secret:NAME to read it from that Prefect Secret block (default: "
+                "$MLFLOW_TRACKING_URI, else mlflow.db in $ADAPTFLOW_HOME or .)",
             )
             command.add_argument(
                 "--workers",
@@ -155,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "compare":
             return _compare(args)
         if args.command == "ui":
-            return _ui(args.study, args.tracking_uri or settings.default_tracking_uri())
+            return _ui(args.study, _tracking_uri(args.tracking_uri))
         if args.command == "evaluate":
             targets = [f"target=[{', '.join(args.target)}]"] if args.target else []
             return _run(
@@ -237,7 +238,7 @@ def _run(
         settings.quiet_task_logs()  # after the imports above, which set up Prefect's console handler
 
     uri = tracking_uri or settings.default_tracking_uri()
-    check_reachable(uri)  # a tracking server that is down fails here, before any data is loaded
+    check_reachable(_tracking_uri(uri))  # a tracking server that is down fails here, before data loads
     validate_study(spec)  # fail fast, before a Prefect server starts or MLflow is touched
     if has_secret(uri):  # Prefect stores flow parameters: a URI with credentials goes by the environment
         os.environ["MLFLOW_TRACKING_URI"] = uri
@@ -263,6 +264,12 @@ def _run(
     return 0
 
 
+def _tracking_uri(given: str | None) -> str:
+    from tasks.tracking import resolve_tracking_uri  # mlflow and prefect: imported only when needed
+
+    return resolve_tracking_uri(given)
+
+
 def _adaptflow_command() -> str:
     """This environment's `adaptflow`, relative to the working folder when inside it: it works
     whether or not the virtual environment is activated."""
@@ -275,7 +282,7 @@ def _compare(args: argparse.Namespace) -> int:
 
     from tasks.compare import compare, render, write_outputs
 
-    client = MlflowClient(tracking_uri=args.tracking_uri or settings.default_tracking_uri())
+    client = MlflowClient(tracking_uri=_tracking_uri(args.tracking_uri))
     by = args.by.split(",") + (["seed"] if args.per_seed and "seed" not in args.by else [])
     comparison = compare(client, args.experiment, args.baseline, by, args.study)
     print(render(comparison, args.format))

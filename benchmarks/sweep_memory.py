@@ -145,5 +145,6 @@ def main() -> int:
             failed = True
     return int(failed)
 
+
 if __name__ == "__main__":
     raise SystemExit(main())

@@ -8,8 +8,8 @@ from mlflow.tracking import MlflowClient
 from prefect import flow, task
 from prefect.artifacts import create_markdown_artifact
 
-from adaptflow.settings import default_tracking_uri
 from tasks.compare import compare, render, write_outputs
+from tasks.tracking import resolve_tracking_uri
 
 
 @task(name="compare", tags=["cpu"])
@@ -38,7 +38,7 @@ def compare_flow(
     `study` is "all" (every study run of the experiment), "latest" or a parent run id, as for
     `adaptflow compare --study`.
     """
-    uri = tracking_uri or default_tracking_uri()
+    uri = resolve_tracking_uri(tracking_uri)
     markdown = compare_experiment(experiment, uri, baseline, by, study, out_dir)
     print(markdown)
     return markdown

@@ -68,9 +68,33 @@ def tracking_store(tracking_uri: str | None) -> str:
         with get_client(sync_client=True) as client:
             stored = client.read_flow_run(flow_run.id).parameters
             client.update_flow_run(flow_run.id, parameters={**stored, "tracking_uri": redact(tracking_uri)})
-    uri = tracking_uri or default_tracking_uri()
+    uri = resolve_tracking_uri(tracking_uri)
     check_reachable(uri)
     return uri
+
+
+SECRET_PREFIX = "prefect-secret:"
+
+
+def resolve_tracking_uri(tracking_uri: str | None) -> str:
+    """The URI to connect to: `tracking_uri`, else MLFLOW_TRACKING_URI, else the project's sqlite store.
+
+    `prefect-secret:NAME` reads it from the Prefect Secret block NAME, so that a deployment's and a
+    flow run's stored parameters hold a block name instead of a credential."""
+    uri = tracking_uri or default_tracking_uri()
+    if not uri.startswith(SECRET_PREFIX):
+        return uri
+    from prefect.blocks.system import Secret
+
+    name = uri.removeprefix(SECRET_PREFIX)
+    try:
+        return str(Secret.load(name).get())
+    except ValueError as exc:  # Prefect: "Unable to find block document named ..."
+        raise StudyError(
+            f"tracking URI {uri!r}: Prefect has no Secret block named {name!r}. Create it on the Prefect "
+            f'server the study uses: python -c "from prefect.blocks.system import Secret; '
+            f"Secret(value='http://user:password@host:5000').save('{name}')\""
+        ) from exc
 
 
 def check_reachable(tracking_uri: str) -> None:

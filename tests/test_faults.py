@@ -43,7 +43,15 @@ from adaptflow.errors import StudyError
 from adaptflow.spec import load_spec
 from flows.study import study
 from tasks.models import log_failed_training
-from tasks.tracking import TASK_RUN_TAG, StudyRun, ensure_experiment, is_transient, start_study_run
+from tasks.tracking import (
+    TASK_RUN_TAG,
+    StudyRun,
+    ensure_experiment,
+    is_transient,
+    resolve_tracking_uri,
+    start_study_run,
+    tracking_store,
+)
 from tasks.train import LearnerSetup, train_on_pool
 from tests.conftest import DEMO, TINY_TRAINING, cli_overrides, stop
 
@@ -105,6 +113,26 @@ def test_a_credential_in_the_tracking_uri_parameter_is_masked_in_prefect(prefect
     assert latest.parameters["tracking_uri"] == uri.replace("s3cret", "***")
     assert latest.parameters["overrides"] == TINY_TRAINING
     assert task_runs(latest) == []
+
+
+def test_a_tracking_uri_in_a_prefect_secret_block_stays_out_of_the_flow_run(
+    prefect_server: None, tmp_path: Path
+) -> None:
+    """`prefect-secret:NAME`: the flow run's stored parameter is the block's name, and the store the
+    flow connects to (`tracking_store`, a study's first step) is the URI the block holds."""
+    from prefect.blocks.system import Secret
+
+    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    Secret(value=store).save("test-mlflow-uri", overwrite=True)
+
+    @flow
+    def connect(tracking_uri: str) -> str:
+        return tracking_store(tracking_uri)
+
+    assert connect("prefect-secret:test-mlflow-uri") == store
+    assert flow_runs()[0].parameters["tracking_uri"] == "prefect-secret:test-mlflow-uri"
+    with pytest.raises(StudyError, match="Prefect has no Secret block named 'missing'. Create it"):
+        resolve_tracking_uri("prefect-secret:missing")
 
 
 class FlakyProxy(ThreadingHTTPServer):
