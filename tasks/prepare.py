@@ -80,8 +80,9 @@ class PreparedData:
     rows_per_domain: dict[str, int]  # after removing duplicates
     modality: str  # a name in adaptflow.spec.MODALITIES
     duplicates_dropped: dict[str, int]  # per domain, and "source" for repeats across source domains
-    # target domain -> classes other domains have and it lacks (source domains are pooled, and may
-    # well have classes of their own, as Omniglot's alphabets do)
+    # target domain -> classes other domains have and it lacks, for a target that shares classes
+    # with them (source domains are pooled, and may well have classes of their own, as Omniglot's
+    # alphabets do; a target with only classes of its own is the usual few-shot split, not a gap)
     missing_classes: dict[str, list[str]]
 
     @property
@@ -299,9 +300,14 @@ def _prepare(
         missing_classes={
             name: [class_names[c] for c in sorted(everywhere - present[name])]
             for name in target
-            if name in shared and everywhere - present[name]
+            if name in shared and everywhere - present[name] and _shares_classes(name, present)
         },
     )
+
+
+def _shares_classes(name: str, present: dict[str, set[int]]) -> bool:
+    others = [classes for other, classes in present.items() if other != name]
+    return bool(present[name] & set().union(*others))
 
 
 def _fixed_episodes(

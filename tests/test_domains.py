@@ -4,6 +4,7 @@ All through real `datasets` loading of files written here, offline."""
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +17,7 @@ from adaptflow.spec import DataSpec
 from metalib import EpisodeSampler
 from tasks.prepare import PreparedData, prepare
 from tests.test_data_modalities import write
+from tests.test_fixed_episodes import BACKGROUND
 
 SENTIMENT = datasets.ClassLabel(names=["negative", "positive"])
 
@@ -116,6 +118,21 @@ def test_a_class_missing_from_a_domain_is_reported_by_name(tmp_path: Path) -> No
         prepared = prepare_spec(["books"], ["dvd"], path="parquet", data_files=files, input="text")
     assert prepared.class_names == ["negative", "neutral", "positive"]
     assert prepared.missing_classes == {"dvd": ["neutral"]}
+
+
+def test_a_target_of_new_classes_only_is_no_missing_class(tmp_path: Path) -> None:
+    """Held-out Omniglot alphabets: the target's characters are not the source's, by design."""
+    alphabets = {
+        name: {"path": "parquet", "data_files": str(BACKGROUND / f"{name}.parquet")}
+        for name in ("Tagalog", "Early_Aramaic")
+    }
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "has no examples of class(es)" warning either
+        prepared = prepare_spec(
+            ["Tagalog"], ["Early_Aramaic"], domains=alphabets, input="pixels", modality="image", channels=1
+        )
+    assert prepared.missing_classes == {}
+    assert not set(prepared.targets["Early_Aramaic"].y.tolist()) & set(prepared.source_train.y.tolist())
 
 
 def test_duplicate_inputs_are_dropped_so_support_and_query_never_share_one(tmp_path: Path) -> None:
