@@ -5,6 +5,9 @@ seeds: thousands of episodes from three models are three replicates, not thousan
 tests here therefore work on per-seed means (a balanced nested design analysed through its cell
 means, which is exact for equal episode counts per seed), and fall back to episode-level noise only
 where there is a single seed, saying so.
+
+scipy is imported where it is used: `metalib` loads this module, and a spec check that needs only
+the learner registry should not pay scipy's import (about 0.7 s).
 """
 
 from __future__ import annotations
@@ -14,7 +17,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
-from scipy import stats
 
 MIN_SEEDS_TO_TEST = 3  # fewer shared seeds than this: no p-value, "too few seeds to test"
 SEED_METHOD = "t interval over per-seed means (df = seeds - 1)"
@@ -49,6 +51,8 @@ def episode_half_width(accuracies: Accuracies, confidence: float = 0.95) -> floa
     values = np.asarray(accuracies, dtype=np.float64)
     if len(values) < 2:
         return 0.0
+    from scipy import stats
+
     return float(stats.norm.ppf(0.5 + confidence / 2) * values.std(ddof=1) / math.sqrt(len(values)))
 
 
@@ -64,6 +68,8 @@ def t_half_width(values: np.ndarray, confidence: float = 0.95) -> float:
     """Half-width of the t interval of the mean of `values` (nan for fewer than 2)."""
     if len(values) < 2:
         return float("nan")
+    from scipy import stats
+
     return float(
         stats.t.ppf(0.5 + confidence / 2, len(values) - 1) * values.std(ddof=1) / math.sqrt(len(values))
     )
@@ -114,6 +120,8 @@ def one_sample_p(values: np.ndarray) -> float:
     """Two-sided p of a one-sample t test of mean zero; 1 for all-zero values, 0 for a constant non-zero."""
     if np.all(values == values[0]):
         return 1.0 if values[0] == 0 else 0.0
+    from scipy import stats
+
     return float(stats.ttest_1samp(values, 0.0).pvalue)
 
 
@@ -122,6 +130,8 @@ def wilcoxon_p(differences: Accuracies) -> float | None:
     values = np.asarray(differences, dtype=np.float64)
     if len(values) < 2 or np.all(values == 0):
         return None
+    from scipy import stats
+
     return float(stats.wilcoxon(values).pvalue)
 
 
@@ -179,6 +189,8 @@ def friedman_nemenyi(accuracy: dict[str, Sequence[float]], alpha: float = 0.05) 
         raise ValueError(
             f"Friedman's test needs 3 or more algorithms and 2 or more cells, got {k} and {cells}"
         )
+    from scipy import stats
+
     statistic, p_value = stats.friedmanchisquare(*matrix.T)
     ranks = stats.rankdata(-matrix, axis=1).mean(axis=0)
     q_alpha = stats.studentized_range.ppf(1 - alpha, k, np.inf) / math.sqrt(2)

@@ -369,6 +369,19 @@ def test_spec_errors_come_before_the_heavy_imports(args: list[str], message: str
     assert done.stdout.strip() == "[]"
 
 
+def test_a_registry_error_loads_torch_but_not_the_rest() -> None:
+    """An unknown algorithm needs the learner registry (PyTorch), and nothing else heavy."""
+    probe = (
+        "import sys; from adaptflow.cli import main; code = main(sys.argv[1:]); "
+        "print(sorted(m for m in ('torch', 'scipy', 'prefect', 'mlflow', 'datasets') if m in sys.modules)); "
+        "sys.exit(code)"
+    )
+    args = ["validate", str(DEMO), "--set", "algorithms.0.name=mamll"]
+    done = subprocess.run([sys.executable, "-c", probe, *args], capture_output=True, text=True, cwd=ROOT)
+    assert done.returncode == 2 and "mamll" in done.stderr
+    assert done.stdout.strip() == "['torch']"
+
+
 def test_task_info_lines_stay_off_the_terminal_unless_verbose() -> None:
     """The console drops task runs' INFO lines once quietened; warnings and flow lines stay."""
     import logging
