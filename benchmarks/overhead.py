@@ -41,6 +41,7 @@ from flows.study import StudyPlan, check_study, training_inputs, training_keys  
 from metalib import meta_train  # noqa: E402
 from metalib.device import resolve_device  # noqa: E402
 from metalib.seeding import derive_seed  # noqa: E402
+from tasks.allocator import keep_freed_memory  # noqa: E402
 from tasks.evaluate import evaluate_model  # noqa: E402
 from tasks.prepare import prepare  # noqa: E402
 from tasks.train import TrainedModel, source_episodes  # noqa: E402
@@ -89,6 +90,7 @@ def children_cpu() -> float:
 def bare(spec_path: Path) -> tuple[float, float, Accuracies]:
     """Wall and CPU seconds and the accuracies of the spec's whole work in this process, one task
     after another."""
+    keep_freed_memory()  # as the train and evaluate tasks do
     started, cpu = time.perf_counter(), time.process_time()
     spec = load_spec(spec_path)
     plan = check_study(spec, prepare(spec.data, spec.source, spec.target))

@@ -11,6 +11,7 @@ from prefect import task
 
 from metalib import EpisodeSampler, FixedEpisodes, backbones, evaluate, mean_ci95
 from metalib.device import resolve_device
+from tasks.allocator import keep_freed_memory
 from tasks.caching import stable_inputs
 from tasks.prepare import Pool
 from tasks.train import LearnerSetup, TrainedModel
@@ -49,6 +50,7 @@ def evaluate_model(
     `episode_seed` fixes the episodes, so every algorithm meets the same ones. A target with fixed
     episodes (data.fixed_episodes) is evaluated on all of them instead, in order.
     """
+    keep_freed_memory()
     resolved = resolve_device(device)
     learner = trained.load(setup, resolved)
     torch.manual_seed(episode_seed)

@@ -38,6 +38,7 @@ from metalib.evaluation import episode_accuracies
 from metalib.search_space import Choice, FloatRange, SearchSpace
 from metalib.seeding import derive_seed
 from metalib.training import NonFiniteLoss
+from tasks.allocator import keep_freed_memory
 from tasks.caching import stable_token
 from tasks.prepare import Pool, PreparedData
 from tasks.run_states import OWNER_TAG, dead_here, owner
@@ -205,6 +206,7 @@ def run_trial(
     """Meta-trains `setup` on each fold and scores it: the best source-validation accuracy, or (leave
     one source out) the mean accuracy on the held-out source domains. Reports to the pruner as it goes:
     the validation curve, or each held-out domain's accuracy in turn."""
+    keep_freed_memory()
     trial = optuna.Trial(optuna.load_study(study_name=key, storage=storage, pruner=pruner(search)), trial_id)
     started = time.perf_counter()
     curves: dict[str, list[tuple[int, float]]] = {}

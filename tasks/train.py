@@ -21,6 +21,7 @@ from metalib.algorithms import Algorithm
 from metalib.device import resolve_device
 from metalib.seeding import derive_seed
 from metalib.training import NonFiniteLoss
+from tasks.allocator import keep_freed_memory
 from tasks.caching import stable_inputs
 from tasks.checkpoints import CheckpointStore
 from tasks.prepare import Pool, PreparedData
@@ -139,6 +140,7 @@ def train_model(
     Learners that adapt without labels (dann) also get one target domain's unlabelled rows.
     Checkpoints go to the task's result storage, so a killed or retried run resumes where it stopped.
     """
+    keep_freed_memory()
     logger = get_run_logger()
     device = resolve_device(train.device)
     torch.manual_seed(derive_seed(seed, "init"))
