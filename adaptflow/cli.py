@@ -54,8 +54,8 @@ def main(argv: list[str] | None = None) -> int:
                 default=1,
                 metavar="N",
                 help="run the study's tasks in N local processes of cores/N torch threads each; 1 (the "
-                "default, until N > 1 is measured: docs/orchestration.md) runs them one at a time in this "
-                "process. Numbers do not depend on N",
+                "default) runs them one at a time in this process (docs/orchestration.md says when more "
+                "pays). Numbers do not depend on N",
             )
             command.add_argument(
                 "--task-runner",
