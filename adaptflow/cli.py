@@ -11,7 +11,8 @@ import subprocess
 import sys
 import time
 import urllib.request
-from contextlib import nullcontext
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from types import FrameType
 from urllib.parse import quote, urlsplit
@@ -99,7 +100,9 @@ def main(argv: list[str] | None = None) -> int:
         metavar="KEY.PATH=VALUE",
         help="override a spec value (repeatable)",
     )
-    evaluate.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default as for run)")
+    evaluate.add_argument(
+        "--tracking-uri", default=None, help="MLflow tracking URI or prefect-secret:NAME (default as for run)"
+    )
     evaluate.add_argument("--verbose", action="store_true", help="print every task's log lines")
     compare = commands.add_parser(
         "compare",
@@ -111,7 +114,9 @@ def main(argv: list[str] | None = None) -> int:
         "docs/statistics.md explains the methods.",
     )
     compare.add_argument("experiment", help="MLflow experiment name (the spec's `name`)")
-    compare.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default as for run)")
+    compare.add_argument(
+        "--tracking-uri", default=None, help="MLflow tracking URI or prefect-secret:NAME (default as for run)"
+    )
     compare.add_argument(
         "--format",
         default="table",
@@ -144,7 +149,9 @@ def main(argv: list[str] | None = None) -> int:
         "prints the pages of the latest study. Ctrl-C stops both.",
     )
     ui.add_argument("--study", default=None, help="experiment (the spec's `name`) to open (default: latest)")
-    ui.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default as for run)")
+    ui.add_argument(
+        "--tracking-uri", default=None, help="MLflow tracking URI or prefect-secret:NAME (default as for run)"
+    )
     args = parser.parse_args(argv)
     if args.command == "run" and args.workers < 1:
         parser.error("--workers must be at least 1")
@@ -224,10 +231,9 @@ def _run(
 ) -> int:
     """Runs the study of a spec; with `model_uri`, evaluates that saved model on the spec's targets."""
     spec = _load(spec_path, overrides)  # before the heavy imports: a spec error takes a second, not ten
-    # SIGTERM as Ctrl-C: Prefect's flow engine hands a SIGTERM on to this handler once it has marked the
-    # flow run, so the process exits through its `finally` blocks and atexit, which stop the temporary
-    # Prefect server, instead of dying and leaving the server behind.
-    signal.signal(signal.SIGTERM, _interrupt)
+    from tasks.allocator import keep_freed_memory
+
+    keep_freed_memory()  # before Prefect starts the threads that run tasks: see tasks/allocator.py
     from flows.evaluate import evaluate_saved_model
     from flows.study import shared_prefect_server, study, task_runner, validate_study
     from tasks.report import format_table
@@ -244,7 +250,7 @@ def _run(
         os.environ["MLFLOW_TRACKING_URI"] = uri
     started = time.perf_counter()
     flow_uri = None if has_secret(uri) else uri
-    with shared_prefect_server() if workers > 1 or address else nullcontext():
+    with _sigterm_interrupts(), shared_prefect_server() if workers > 1 or address else nullcontext():
         if model_uri is None:
             rows = study.with_options(task_runner=task_runner(workers, address))(
                 spec=str(Path(spec_path)), overrides=overrides, tracking_uri=flow_uri
@@ -264,8 +270,23 @@ def _run(
     return 0
 
 
+@contextmanager
+def _sigterm_interrupts() -> Iterator[None]:
+    """SIGTERM as Ctrl-C while a flow runs: Prefect's flow engine hands a SIGTERM on to this handler
+    once it has marked the flow run, so the process exits through its `finally` blocks and atexit,
+    which stop the temporary Prefect server, instead of dying and leaving the server behind."""
+    previous = signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def _tracking_uri(given: str | None) -> str:
-    from tasks.tracking import resolve_tracking_uri  # mlflow and prefect: imported only when needed
+    """The URI to connect to; `prefect-secret:NAME` is read from Prefect (imported only for it)."""
+    if given is None or not given.startswith(settings.SECRET_PREFIX):
+        return given or settings.default_tracking_uri()
+    from tasks.tracking import resolve_tracking_uri
 
     return resolve_tracking_uri(given)
 
@@ -325,7 +346,7 @@ def _ui(study: str | None, tracking_uri: str) -> int:
             # a viewer: no scheduler or other services that would act on the project's deployments
             command = ["prefect", "server", "start", "--host", LOOPBACK, "--port", str(port), "--no-services"]
             servers.append(_serve(command, api, logs))
-        pages = _study_pages(tracking_uri, study, mlflow, prefect)
+        pages = _study_pages(tracking_uri, study, redact(mlflow), prefect)  # printed: no credentials
         _wait_until_up(servers, [f"{mlflow}/health", f"{prefect}/api/health"], logs)
         print("\n".join(pages), flush=True)
         if not servers:

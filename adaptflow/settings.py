@@ -30,6 +30,9 @@ def apply_defaults() -> None:
         os.environ.setdefault(name, value)
 
 
+SECRET_PREFIX = "prefect-secret:"  # a tracking URI read from the Prefect Secret block named after it
+
+
 def default_tracking_uri() -> str:
     """MLFLOW_TRACKING_URI if set, else an sqlite store in the project folder."""
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{PROJECT_DIR / 'mlflow.db'}"

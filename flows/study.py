@@ -7,7 +7,6 @@ The steps are public so the `sweep` flow (flows/sweep.py) runs many studies from
 
 from __future__ import annotations
 
-import multiprocessing
 import os
 from collections.abc import Iterator
 from contextlib import closing, contextmanager
@@ -23,10 +22,10 @@ from prefect.task_runners import ProcessPoolTaskRunner, TaskRunner, ThreadPoolTa
 
 from adaptflow import settings
 from adaptflow.errors import StudyError
-from adaptflow.settings import default_tracking_uri
 from adaptflow.spec import StudySpec, load_spec
 from flows.search import search_algorithms
 from metalib.seeding import derive_seed
+from tasks.allocator import keep_freed_memory
 from tasks.artifacts import link_mlflow_run, study_run_name
 from tasks.evaluate import Evaluation, evaluate_model
 from tasks.models import ModelRef, log_failed_training, log_model
@@ -99,16 +98,6 @@ def searched(plan: StudyPlan, run: StudyRun) -> StudyPlan:
         return plan
     setups, searches = search_algorithms(plan.spec, plan.prepared, plan.setups, run)
     return replace(plan, setups=setups, searches=searches)
-
-
-def open_study_run(plan: StudyPlan, tracking_uri: str | None, tags: dict[str, str]) -> StudyRun:
-    """The MLflow parent run, with the dataset inputs, linked from the Prefect flow run."""
-    datasets = study_datasets(plan.spec, plan.prepared.fingerprint, plan.prepared.rows_per_domain)
-    run = start_study_run(
-        plan.spec, tracking_uri or default_tracking_uri(), tags, datasets, plan.prepared.modality
-    )
-    link_mlflow_run(run, plan.spec)
-    return run
 
 
 # (algorithm index, seed, target domain): the target is None except for learners trained on one
@@ -309,9 +298,9 @@ def end(run: StudyRun, status: str) -> None:
 
 
 @contextmanager
-def terminating(run: StudyRun) -> Iterator[None]:
-    """Ends the MLflow parent run (unless the block did): FINISHED, FAILED if the block raises, KILLED if
-    it is interrupted (Ctrl-C, SIGTERM). A SIGKILLed study's run is ended KILLED by the next study."""
+def ended_if_stopped(run: StudyRun) -> Iterator[None]:
+    """Ends the MLflow parent run (unless it has ended) FAILED if the block raises, KILLED if it is
+    interrupted (Ctrl-C, SIGTERM). A SIGKILLed study's run is ended KILLED by the next study."""
     try:
         yield
     except Exception:
@@ -320,13 +309,26 @@ def terminating(run: StudyRun) -> Iterator[None]:
     except BaseException:
         end(run, "KILLED")
         raise
+
+
+@contextmanager
+def terminating(run: StudyRun) -> Iterator[None]:
+    """`ended_if_stopped`, and FINISHED when the block completes (unless the block ended the run)."""
+    with ended_if_stopped(run):
+        yield
     end(run, "FINISHED")
 
 
-def start_study(plan: StudyPlan, tracking_uri: str | None, tags: dict[str, str]) -> StudyRun:
-    """Opens the study's parent run, owned by this process, after ending the runs of dead studies."""
-    run = open_study_run(plan, tracking_uri, {**tags, OWNER_TAG: owner()})
-    end_stale_runs(run.client, run.experiment_id)
+def start_study(plan: StudyPlan, tracking_uri: str, tags: dict[str, str]) -> StudyRun:
+    """Opens the study's MLflow parent run, owned by this process, with the dataset inputs and linked
+    from the Prefect flow run, and ends the runs of dead studies. Once the run exists, a failure or
+    an interruption ends it before propagating."""
+    datasets = study_datasets(plan.spec, plan.prepared.fingerprint, plan.prepared.rows_per_domain)
+    tags = {**tags, OWNER_TAG: owner()}
+    run = start_study_run(plan.spec, tracking_uri, tags, datasets, plan.prepared.modality)
+    with ended_if_stopped(run):
+        link_mlflow_run(run, plan.spec)
+        end_stale_runs(run.client, run.experiment_id)
     return run
 
 
@@ -336,8 +338,9 @@ class StudyProcessPool(ProcessPoolTaskRunner):
     Nothing is lost: trainings checkpoint, so a rerun resumes them."""
 
     def __exit__(self, exc_type: Any, exc_value: Any, traceback: Any) -> None:
-        if exc_type is not None and not issubclass(exc_type, Exception):
-            for worker in multiprocessing.active_children():  # in the study process: this pool's only
+        if exc_type is not None and not issubclass(exc_type, Exception) and self._executor is not None:
+            # concurrent.futures keeps its worker processes in `_processes`; no public API lists them
+            for worker in list(getattr(self._executor, "_processes", {}).values()):
                 worker.terminate()
         super().__exit__(exc_type, exc_value, traceback)
 
@@ -353,7 +356,9 @@ def processes(workers: int | None = None) -> StudyProcessPool:
 
 
 def start_worker(threads: int) -> None:
-    """A task-runner process's set-up: its share of the cores, and the CLI's quiet console."""
+    """A task-runner process's set-up: its share of the cores, glibc's allocator, and the CLI's quiet
+    console."""
+    keep_freed_memory()  # before the worker's threads exist: see tasks/allocator.py
     torch.set_num_threads(threads)
     settings.quiet_if_asked()
 

@@ -76,10 +76,11 @@ def sweep(
     ]  # every pair is validated before anything is logged or trained
     flow_run_id = str(flow_run.id)
     tags = {"prefect_flow_run_id": flow_run_id, "prefect_flow": "sweep"}
-    runs = [start_study(plan, tracking_uri, tags) for plan in plans]
     with ExitStack() as ending:  # each run ends when its pair is done; if the sweep stops, those left too
-        for run in runs:
-            ending.enter_context(terminating(run))
+        runs = []
+        for plan in plans:  # each run is in the stack as soon as it exists
+            runs.append(start_study(plan, tracking_uri, tags))
+            ending.enter_context(terminating(runs[-1]))
         plans = [searched(plan, run) for plan, run in zip(plans, runs, strict=True)]  # if the spec searches
         trainings = [submit_training(plan) for plan in plans]  # all of them before any evaluation
         pending = [submit_evaluation(plan, models) for plan, models in zip(plans, trainings, strict=True)]

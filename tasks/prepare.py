@@ -300,14 +300,14 @@ def _prepare(
         missing_classes={
             name: [class_names[c] for c in sorted(everywhere - present[name])]
             for name in target
-            if name in shared and everywhere - present[name] and _shares_classes(name, present)
+            if name in shared and everywhere - present[name] and _shares_classes(name, present, source)
         },
     )
 
 
-def _shares_classes(name: str, present: dict[str, set[int]]) -> bool:
-    others = [classes for other, classes in present.items() if other != name]
-    return bool(present[name] & set().union(*others))
+def _shares_classes(name: str, present: dict[str, set[int]], source: list[str]) -> bool:
+    """Whether target `name` has a class of the source domains: if not, its classes are new by design."""
+    return bool(present[name] & set().union(*(present[domain] for domain in source if domain in present)))
 
 
 def _fixed_episodes(

@@ -9,6 +9,7 @@ A study checks its tracking server before it starts; the tasks that log retry tr
 
 from __future__ import annotations
 
+import contextlib
 import re
 import tempfile
 import time
@@ -28,12 +29,13 @@ from prefect import Task, task
 from prefect.cache_policies import NO_CACHE
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.objects import State, TaskRun
+from prefect.exceptions import ObjectNotFound
 from prefect.runtime import flow_run, task_run
 from prefect.tasks import exponential_backoff
 
 from adaptflow.errors import StudyError
 from adaptflow.redact import has_secret, redact, redact_value
-from adaptflow.settings import default_tracking_uri
+from adaptflow.settings import SECRET_PREFIX, default_tracking_uri
 from adaptflow.spec import DataSpec, DomainSource, StudySpec, applicable_params
 
 MAX_PARAM_LENGTH = 6000  # MLflow's limits on a param's value and on any key
@@ -73,9 +75,6 @@ def tracking_store(tracking_uri: str | None) -> str:
     return uri
 
 
-SECRET_PREFIX = "prefect-secret:"
-
-
 def resolve_tracking_uri(tracking_uri: str | None) -> str:
     """The URI to connect to: `tracking_uri`, else MLFLOW_TRACKING_URI, else the project's sqlite store.
 
@@ -89,7 +88,9 @@ def resolve_tracking_uri(tracking_uri: str | None) -> str:
     name = uri.removeprefix(SECRET_PREFIX)
     try:
         return str(Secret.load(name).get())
-    except ValueError as exc:  # Prefect: "Unable to find block document named ..."
+    except ValueError as exc:
+        if not isinstance(exc.__cause__, ObjectNotFound):  # another fault with the block: Prefect's own
+            raise
         raise StudyError(
             f"tracking URI {uri!r}: Prefect has no Secret block named {name!r}. Create it on the Prefect "
             f'server the study uses: python -c "from prefect.blocks.system import Secret; '
@@ -235,9 +236,14 @@ def start_study_run(
     study = StudyRun(
         tracking_uri, experiment_id, _create_run(client, experiment_id, name, {"kind": "study", **tags})
     )
-    log_flat(study.client, study.run_id, params=params)
-    log_yaml(study.client, study.run_id, spec_yaml, "spec.yaml")
-    study.client.log_inputs(study.run_id, datasets=datasets)
+    try:
+        log_flat(study.client, study.run_id, params=params)
+        log_yaml(study.client, study.run_id, spec_yaml, "spec.yaml")
+        study.client.log_inputs(study.run_id, datasets=datasets)
+    except BaseException:  # not left RUNNING (a retry deletes it anyway)
+        with contextlib.suppress(Exception):  # the server may be what failed
+            client.set_terminated(study.run_id, "FAILED")
+        raise
     return study
 
 

@@ -116,13 +116,14 @@ def test_a_credential_in_the_tracking_uri_parameter_is_masked_in_prefect(prefect
 
 
 def test_a_tracking_uri_in_a_prefect_secret_block_stays_out_of_the_flow_run(
-    prefect_server: None, tmp_path: Path
+    prefect_server: None, mlflow_server: int
 ) -> None:
-    """`prefect-secret:NAME`: the flow run's stored parameter is the block's name, and the store the
-    flow connects to (`tracking_store`, a study's first step) is the URI the block holds."""
+    """`prefect-secret:NAME`: the store the flow connects to (`tracking_store`, a study's first step,
+    which reaches the server) is the URI with a password that the block holds, and the password is
+    nowhere in the flow run Prefect stored."""
     from prefect.blocks.system import Secret
 
-    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    store = f"http://alice:s3cret@127.0.0.1:{mlflow_server}"
     Secret(value=store).save("test-mlflow-uri", overwrite=True)
 
     @flow
@@ -130,7 +131,9 @@ def test_a_tracking_uri_in_a_prefect_secret_block_stays_out_of_the_flow_run(
         return tracking_store(tracking_uri)
 
     assert connect("prefect-secret:test-mlflow-uri") == store
-    assert flow_runs()[0].parameters["tracking_uri"] == "prefect-secret:test-mlflow-uri"
+    latest = flow_runs()[0]
+    assert latest.parameters["tracking_uri"] == "prefect-secret:test-mlflow-uri"
+    assert "s3cret" not in latest.model_dump_json()
     with pytest.raises(StudyError, match="Prefect has no Secret block named 'missing'. Create it"):
         resolve_tracking_uri("prefect-secret:missing")
 
