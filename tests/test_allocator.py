@@ -10,7 +10,7 @@ import pytest
 
 from tests.conftest import ROOT
 
-# Allocates and fills a 64 MiB tensor 20 times, as each step of a training allocates its activations
+# Allocates and fills a 64 MiB tensor 50 times, as each step of a training allocates its activations
 # again, and prints the minor page faults that took.
 # The allocations run in a thread, as tasks do under `--workers 1`: a thread of its own arena would
 # map them afresh whatever M_MMAP_MAX says (one arena for all is part of keep_freed_memory).
@@ -19,7 +19,7 @@ import resource, sys, threading, torch
 from tasks.allocator import keep_freed_memory
 applied = keep_freed_memory()
 def allocate():
-    for _ in range(20):
+    for _ in range(50):
         torch.ones(16 * 2**20).sum()
 before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 thread = threading.Thread(target=allocate)
@@ -43,5 +43,5 @@ def test_kept_memory_is_reused_instead_of_faulted_in_again() -> None:
     applied, kept = faults("1")
     opted_out, default = faults("0")  # the opt-out leaves glibc's defaults
     assert applied and not opted_out
-    assert default > 20 * 16384 * 0.9  # glibc's default: each 64 MiB block is mapped and faulted anew
-    assert kept < default / 4  # measured: 65,603 against 327,803
+    assert default > 50 * 16384 * 0.9  # glibc's default: each 64 MiB block is mapped and faulted anew
+    assert kept < default / 4  # kept: the first few blocks only (4-5 of them measured here)
