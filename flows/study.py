@@ -7,7 +7,10 @@ The steps are public so the `sweep` flow (flows/sweep.py) runs many studies from
 
 from __future__ import annotations
 
+import gc
 import os
+import time
+import warnings
 from collections.abc import Iterator
 from contextlib import closing, contextmanager
 from dataclasses import dataclass, field, replace
@@ -34,7 +37,7 @@ from tasks.progress import StudyProgress
 from tasks.report import Result, log_evaluation, report_study
 from tasks.run_states import OWNER_TAG, end_stale_runs, owner
 from tasks.search import Searched
-from tasks.tracking import StudyRun, start_study_run, study_datasets, tracking_store
+from tasks.tracking import StudyRun, is_transient, start_study_run, study_datasets, tracking_store
 from tasks.train import LearnerSetup, TrainedModel, train_model, train_on_pool
 
 # The `train` flow's deployment on the GPU pool (prefect.yaml).
@@ -291,10 +294,22 @@ def failed(spec: StudySpec, logged: Logged) -> StudyError:
     )
 
 
-def end(run: StudyRun, status: str) -> None:
-    """Ends the MLflow run with `status` unless it has ended already."""
-    if run.client.get_run(run.run_id).info.status == "RUNNING":
-        run.client.set_terminated(run.run_id, status)
+def end(run: StudyRun, status: str, attempts: int = 6) -> None:
+    """Ends the MLflow run with `status` unless it has ended already.
+
+    Transient errors are retried: an interruption can land inside one of this process's own writes to
+    a sqlite store, whose connection then holds the database lock until it is garbage-collected
+    ("database is locked" here, seen in CI), so each retry collects garbage first."""
+    for attempt in range(attempts):
+        try:
+            if run.client.get_run(run.run_id).info.status == "RUNNING":
+                run.client.set_terminated(run.run_id, status)
+            return
+        except Exception as exc:
+            if attempt == attempts - 1 or not is_transient(exc):
+                raise
+            gc.collect()
+            time.sleep(0.5 * 2**attempt)
 
 
 @contextmanager
@@ -307,7 +322,10 @@ def ended_if_stopped(run: StudyRun) -> Iterator[None]:
         end(run, "FAILED")
         raise
     except BaseException:
-        end(run, "KILLED")
+        try:
+            end(run, "KILLED")
+        except Exception as exc:  # the interruption is what the user must see; the next study ends it
+            warnings.warn(f"MLflow run {run.run_id} could not be ended KILLED: {exc}", stacklevel=1)
         raise
 
 
