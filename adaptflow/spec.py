@@ -7,6 +7,9 @@ bad YAML or a mistyped key is reported without waiting for PyTorch to load.
 
 from __future__ import annotations
 
+import difflib
+import importlib.util
+import re
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -19,6 +22,23 @@ from adaptflow.errors import StudyError
 
 if TYPE_CHECKING:
     from metalib.search_space import SearchSpace
+
+
+def registered_names(package: str) -> list[str]:
+    """The names registered in metalib/<package> (`algorithms`, `backbones`), read from the source
+    files rather than imported, so that a mistyped name is reported without waiting for PyTorch.
+    tests/test_bad_input.py checks that they are the imported registries' names."""
+    folder = Path(importlib.util.find_spec("metalib").submodule_search_locations[0]) / package
+    pattern = re.compile(r'REGISTRY\.register\("(\w+)"\)')
+    return sorted(name for path in folder.glob("*.py") for name in pattern.findall(path.read_text()))
+
+
+def _check_registered(kind: str, package: str, name: str) -> None:
+    known = registered_names(package)
+    if name not in known:
+        close = difflib.get_close_matches(name, known, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise ValueError(f"unknown {kind} {name!r}{hint}; known: {', '.join(known)}")
 
 
 @dataclass(frozen=True)
@@ -251,14 +271,26 @@ class StudySpec(Strict):
         self.train.ways = self.train.ways or self.episodes.ways
         return self
 
+    @field_validator("algorithms")
+    @classmethod
+    def _known_algorithms(cls, entries: list[Options]) -> list[Options]:
+        for entry in entries:
+            _check_registered("algorithm", "algorithms", entry.name)
+        return entries
+
+    @field_validator("backbone")
+    @classmethod
+    def _known_backbone(cls, entry: Options | None) -> Options | None:
+        if entry is not None:
+            _check_registered("backbone", "backbones", entry.name)
+        return entry
+
     @model_validator(mode="after")
     def _known_components(self) -> StudySpec:
-        """Algorithm names and hyperparameters, and the backbone name, are checked at load time."""
-        from metalib import algorithms, backbones
+        """Algorithm hyperparameters are checked at load time (their names were checked above)."""
+        from metalib import algorithms
 
         try:
-            if self.backbone is not None:
-                backbones.REGISTRY.get(self.backbone.name)
             for algorithm in self.algorithms:
                 algorithms.make_hparams(algorithm.name, algorithm.options())
         except KeyError as exc:

@@ -19,7 +19,7 @@ from mlflow.tracking import MlflowClient
 
 from adaptflow.cli import main
 from adaptflow.redact import redact
-from adaptflow.spec import DataSpec, load_spec
+from adaptflow.spec import DataSpec, load_spec, registered_names
 from tasks.prepare import PreparedData, _read_cache, _write_cache, prepare
 from tasks.tracking import start_study_run, study_datasets
 from tests.conftest import DEMO, OFFICE, ROOT, TINY_TRAINING, cli_overrides
@@ -354,6 +354,8 @@ def test_studies_started_together_share_a_new_sqlite_store(tmp_path: Path) -> No
         (["run", "missing.yaml"], "spec file missing.yaml not found"),
         (["validate", str(DEMO), "--set", "train.steps=-1"], "(from --set train.steps=-1)"),
         (["run", str(DEMO), "--set", "episodes.wayz=3"], "episodes.wayz: unknown key"),
+        (["validate", str(DEMO), "--set", "algorithms.0.name=mamll"], "'mamll' (did you mean 'maml'?)"),
+        (["validate", str(DEMO), "--set", "backbone.name=conv5"], "unknown backbone 'conv5'"),
     ],
 )
 def test_spec_errors_come_before_the_heavy_imports(args: list[str], message: str) -> None:
@@ -369,17 +371,25 @@ def test_spec_errors_come_before_the_heavy_imports(args: list[str], message: str
     assert done.stdout.strip() == "[]"
 
 
-def test_a_registry_error_loads_torch_but_not_the_rest() -> None:
-    """An unknown algorithm needs the learner registry (PyTorch), and nothing else heavy."""
+def test_a_hyperparameter_error_loads_torch_but_not_the_rest() -> None:
+    """A mistyped hyperparameter needs the learner's typed hyperparameters (PyTorch), nothing else heavy."""
     probe = (
         "import sys; from adaptflow.cli import main; code = main(sys.argv[1:]); "
         "print(sorted(m for m in ('torch', 'scipy', 'prefect', 'mlflow', 'datasets') if m in sys.modules)); "
         "sys.exit(code)"
     )
-    args = ["validate", str(DEMO), "--set", "algorithms.0.name=mamll"]
+    args = ["validate", str(DEMO), "--set", "algorithms.0.inner_lrr=0.1"]
     done = subprocess.run([sys.executable, "-c", probe, *args], capture_output=True, text=True, cwd=ROOT)
-    assert done.returncode == 2 and "mamll" in done.stderr
+    assert done.returncode == 2 and "no hyperparameter inner_lrr" in done.stderr
     assert done.stdout.strip() == "['torch']"
+
+
+def test_names_read_from_the_source_are_the_registered_ones() -> None:
+    """The spec's torch-free name check reads the same names the registries hold once imported."""
+    from metalib import algorithms, backbones
+
+    assert registered_names("algorithms") == algorithms.names()
+    assert registered_names("backbones") == backbones.REGISTRY.names()
 
 
 def test_task_info_lines_stay_off_the_terminal_unless_verbose() -> None:
