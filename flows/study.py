@@ -37,6 +37,7 @@ from tasks.progress import StudyProgress
 from tasks.report import Result, log_evaluation, report_study
 from tasks.run_states import OWNER_TAG, end_stale_runs, owner
 from tasks.search import Searched
+from tasks.stopping import STOP_REQUESTED
 from tasks.tracking import StudyRun, is_transient, start_study_run, study_datasets, tracking_store
 from tasks.train import LearnerSetup, TrainedModel, train_model, train_on_pool
 
@@ -315,13 +316,17 @@ def end(run: StudyRun, status: str, attempts: int = 6) -> None:
 @contextmanager
 def ended_if_stopped(run: StudyRun) -> Iterator[None]:
     """Ends the MLflow parent run (unless it has ended) FAILED if the block raises, KILLED if it is
-    interrupted (Ctrl-C, SIGTERM). A SIGKILLed study's run is ended KILLED by the next study."""
+    interrupted (Ctrl-C, SIGTERM). A SIGKILLed study's run is ended KILLED by the next study. An
+    interruption also asks the tasks running in threads of this process to stop (tasks/stopping.py):
+    Prefect's engine waits for them before it lets the interruption end the process."""
+    STOP_REQUESTED.clear()
     try:
         yield
     except Exception:
         end(run, "FAILED")
         raise
     except BaseException:
+        STOP_REQUESTED.set()
         try:
             end(run, "KILLED")
         except Exception as exc:  # the interruption is what the user must see; the next study ends it

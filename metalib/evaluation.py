@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+
 import torch
 
 from metalib.algorithms import Algorithm
@@ -10,6 +12,10 @@ from metalib.episodes import EpisodeBatch, EpisodeSampler, FixedEpisodes
 # Support and query rows adapted to in one pass. One pass per episode is slow (fine-tuning fits a head
 # per pass); one per chunk of episodes needs memory for all their rows at once, as a training batch does.
 ROWS_PER_PASS = 1024
+
+
+class Stopped(Exception):
+    """The caller asked training or evaluation to stop (its `stop` event was set from another thread)."""
 
 
 def episode_accuracies(
@@ -34,11 +40,15 @@ def evaluate(
     episodes: int,
     device: torch.device | str = "cpu",
     chunk: int = 100,
+    stop: threading.Event | None = None,
 ) -> torch.Tensor:
-    """Accuracy on the next `episodes` episodes from `sampler`, taken up to `chunk` at a time."""
+    """Accuracy on the next `episodes` episodes from `sampler`, taken up to `chunk` at a time.
+    Raises Stopped before the next chunk once `stop` is set."""
     parts: list[torch.Tensor] = []
     done = 0
     while done < episodes:
+        if stop is not None and stop.is_set():
+            raise Stopped(f"evaluation stopped after {done} of {episodes} episodes")
         batch = sampler.sample(min(chunk, episodes - done)).to(device)
         parts.append(episode_accuracies(learner, batch))
         done += batch.num_tasks

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import io
 import math
+import threading
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -14,7 +15,7 @@ from tqdm.auto import tqdm
 
 from metalib.algorithms import Algorithm
 from metalib.episodes import EpisodeBatch, EpisodeSampler
-from metalib.evaluation import episode_accuracies
+from metalib.evaluation import Stopped, episode_accuracies
 
 
 @dataclass
@@ -84,6 +85,7 @@ def meta_train(
     checkpoint_every: int = 0,
     on_checkpoint: Callable[[Checkpoint], None] | None = None,
     resume: Checkpoint | None = None,
+    stop: threading.Event | None = None,
 ) -> TrainingHistory:
     """Trains for `steps` updates and leaves the learner at its best source-validation weights.
 
@@ -92,7 +94,8 @@ def meta_train(
     validation and every `checkpoint_every` steps; given one as `resume` (with a learner built and
     seeded as before), training goes on from its step and ends with the same weights, bit for bit on
     CPU, as a run that never stopped. Raises NonFiniteLoss, naming the learner and the step, when a
-    loss is NaN or infinite.
+    loss is NaN or infinite. Once `stop` is set (from another thread), training checkpoints at the end
+    of the current step and raises Stopped, so a resume loses nothing.
     """
     device = torch.device(device)
     learner.training_steps = steps
@@ -146,7 +149,10 @@ def meta_train(
         if validated:
             validate(step)
             bar.set_postfix(val_acc=f"{history.best_val_acc:.3f}")
-        if validated or (checkpoint_every and step % checkpoint_every == 0):
+        stopping = stop is not None and stop.is_set()
+        if validated or stopping or (checkpoint_every and step % checkpoint_every == 0):
             checkpoint(step)
+        if stopping:
+            raise Stopped(f"{name} stopped at step {step} of {steps}; its checkpoint resumes it")
     learner.load_state_dict(best_state)
     return history

@@ -38,6 +38,7 @@ from metalib.evaluation import episode_accuracies
 from metalib.search_space import Choice, FloatRange, SearchSpace
 from metalib.seeding import derive_seed
 from metalib.training import NonFiniteLoss
+from tasks import stopping
 from tasks.allocator import keep_freed_memory
 from tasks.caching import stable_token
 from tasks.prepare import Pool, PreparedData
@@ -267,6 +268,7 @@ def _train_fold(
         val_every=train.val_every,
         progress=False,
         on_validate=on_validate,
+        stop=stopping.STOP_REQUESTED,
     )
     if fold.held_out is None:
         return history, math.nan

@@ -21,6 +21,7 @@ from metalib.algorithms import Algorithm
 from metalib.device import resolve_device
 from metalib.seeding import derive_seed
 from metalib.training import NonFiniteLoss
+from tasks import stopping
 from tasks.allocator import keep_freed_memory
 from tasks.caching import stable_inputs
 from tasks.checkpoints import CheckpointStore
@@ -179,6 +180,7 @@ def train_model(
             checkpoint_every=train.checkpoint_every,
             on_checkpoint=checkpoints.save,
             resume=resume,
+            stop=stopping.STOP_REQUESTED,
         )
     except NonFiniteLoss as exc:
         raise NonFiniteLoss(f"{exc}; lower the learning rate (the entry's lr or train.lr)") from None

@@ -14,6 +14,7 @@ from mlflow.tracking import MlflowClient
 
 from adaptflow.cli import main
 from tests.conftest import DEMO, ROOT, TINY_TRAINING, cli_overrides, stop
+from tests.test_resume import checkpoint_steps
 
 pytestmark = pytest.mark.slow
 
@@ -113,6 +114,57 @@ def test_sigterm_stops_the_worker_processes_and_the_temporary_server(tmp_path: P
     experiment_id = client.get_experiment_by_name("interrupted").experiment_id
     (interrupted,) = client.search_runs([experiment_id], "tags.kind = 'study'")
     assert interrupted.info.status == "KILLED"
+
+
+def test_sigterm_stops_a_training_running_in_the_study_process(prefect_server: None, tmp_path: Path) -> None:
+    """With `--workers 1` a training is a thread of the study process, which cannot be killed: on
+    SIGTERM it checkpoints at the end of its current step and stops, so the study exits at once instead
+    of after a training that has 100,000 steps to go."""
+    from prefect.settings import PREFECT_API_URL
+
+    storage = tmp_path / "results"
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    args = cli_overrides(
+        "name=stopped", "train.steps=100000", "train.val_every=100", "train.meta_batch=2",
+        "train.val_episodes=5", "seeds=[0]", "target=[webcam]", "algorithms=[{name: protonet}]",
+    )  # fmt: skip
+    env = {
+        **os.environ,
+        "PREFECT_API_URL": PREFECT_API_URL.value(),
+        "PREFECT_RESULTS_LOCAL_STORAGE_PATH": str(storage),
+    }
+    command = [
+        sys.executable,
+        "-m",
+        "adaptflow.cli",
+        "run",
+        str(DEMO),
+        *args,
+        "--workers",
+        "1",
+        "--tracking-uri",
+        uri,
+    ]
+    log = tmp_path / "stderr.log"
+    with log.open("wb") as stderr:
+        run = subprocess.Popen(command, cwd=ROOT, env=env, start_new_session=True, stdout=subprocess.DEVNULL,
+                               stderr=stderr)  # fmt: skip
+    deadline = time.time() + 300
+    try:
+        while not any(step >= 100 for step in checkpoint_steps(storage)):
+            assert run.poll() is None, "the study ended before it could be interrupted"
+            assert time.time() < deadline, "no checkpoint was written in time"
+            time.sleep(0.05)
+        os.kill(run.pid, signal.SIGTERM)
+        sent = time.time()
+        run.wait(timeout=120)
+        took = time.time() - sent
+    finally:
+        stop(run, grace=10)
+    assert run.returncode == 130 and b"adaptflow: interrupted" in log.read_bytes()
+    assert took < 30, f"the study took {took:.0f} s to stop: the running training was waited for"
+    (stopped_at,) = checkpoint_steps(storage)  # the rerun resumes from here (tests/test_resume.py)
+    assert 100 <= stopped_at < 100000
 
 
 def _group_alive(pgid: int) -> bool:

@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -18,7 +19,8 @@ from mlflow.tracking import MlflowClient
 
 from adaptflow.cli import main
 from adaptflow.spec import load_spec
-from metalib import EpisodeSampler, algorithms, backbones
+from metalib import EpisodeSampler, algorithms, backbones, evaluate
+from metalib.evaluation import Stopped
 from metalib.training import Checkpoint, NonFiniteLoss, TrainingHistory, meta_train
 from tasks.prepare import PreparedData, prepare
 from tests.conftest import DEMO, ROOT, cli_overrides, stop
@@ -31,7 +33,13 @@ def office() -> PreparedData:
 
 
 def train(
-    name: str, *, resume: Checkpoint | None = None, keep: list[bytes] | None = None, lr: float = 1e-3
+    name: str,
+    *,
+    resume: Checkpoint | None = None,
+    keep: list[bytes] | None = None,
+    lr: float = 1e-3,
+    checkpoint_every: int = 1,
+    stop: threading.Event | None = None,
 ) -> tuple[dict[str, torch.Tensor], TrainingHistory]:
     """A short training on real features, built and seeded the same way each time."""
     data = office()
@@ -49,9 +57,10 @@ def train(
         validation=EpisodeSampler(held.x, held.y, 5, 1, 2, seed=2).sample(1),
         val_every=3,
         progress=False,
-        checkpoint_every=1,
+        checkpoint_every=checkpoint_every,
         on_checkpoint=None if keep is None else lambda checkpoint: keep.append(checkpoint.to_bytes()),
         resume=resume,
+        stop=stop,
     )
     return learner.state_dict(), history
 
@@ -67,6 +76,28 @@ def test_a_resumed_training_ends_bit_for_bit_where_an_uninterrupted_one_does(nam
     for key, value in weights.items():  # tensors, and a learner's extra state (dann's warm-up step)
         assert torch.equal(resumed[key], value) if torch.is_tensor(value) else resumed[key] == value, key
     assert resumed_history == history  # the same curves, each step once
+
+
+def test_a_stop_request_ends_training_and_evaluation_and_the_training_resumes_from_it() -> None:
+    """The event an interrupted study sets (tasks/stopping.py): the training step in progress ends and is
+    checkpointed, though no checkpoint is scheduled, and the resumed training ends where an
+    uninterrupted one does; an evaluation stops before its next chunk."""
+    stop = threading.Event()
+    stop.set()
+    checkpoints: list[bytes] = []
+    with pytest.raises(Stopped, match="ProtoNet stopped at step 1 of 4"):
+        train("protonet", keep=checkpoints, checkpoint_every=0, stop=stop)
+    assert [Checkpoint.from_bytes(data).step for data in checkpoints] == [1]
+    weights, _ = train("protonet")
+    resumed, _ = train("protonet", resume=Checkpoint.from_bytes(checkpoints[0]))
+    assert all(torch.equal(resumed[key], value) for key, value in weights.items())
+
+    learner = algorithms.create(
+        "protonet", backbones.create("mlp", ways=5, input_shape=office().input_shape), ways=5
+    )
+    target = office().targets["webcam"]
+    with pytest.raises(Stopped, match="after 0 of 10 episodes"):
+        evaluate(learner, EpisodeSampler(target.x, target.y, 5, 1, 2, seed=3), 10, stop=stop)
 
 
 def test_a_nan_loss_stops_the_training_naming_the_learner_and_the_step() -> None:
