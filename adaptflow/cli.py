@@ -250,7 +250,11 @@ def _run(
         os.environ["MLFLOW_TRACKING_URI"] = uri
     started = time.perf_counter()
     flow_uri = None if has_secret(uri) else uri
-    with _sigterm_interrupts(), shared_prefect_server() if workers > 1 or address else nullcontext():
+    running = None if os.environ.get("PREFECT_API_URL") else _ui_prefect_api()
+    if running is not None:
+        print(f"adaptflow: using the Prefect server of `adaptflow ui`, {running}", file=sys.stderr)
+    server = shared_prefect_server(running) if workers > 1 or address or running else nullcontext()
+    with _sigterm_interrupts(), server:
         if model_uri is None:
             rows = study.with_options(task_runner=task_runner(workers, address))(
                 spec=str(Path(spec_path)), overrides=overrides, tracking_uri=flow_uri
@@ -313,6 +317,8 @@ def _compare(args: argparse.Namespace) -> int:
 
 
 LOOPBACK = "127.0.0.1"
+# where a running `adaptflow ui` leaves the API URL of the Prefect server it started
+UI_PREFECT_API = settings.PROJECT_DIR / ".cache" / "ui" / "prefect-api"
 UI_STARTUP_SECONDS = 120  # a cold Prefect server takes 13-17 s here, more on a busy machine
 # Prefect 3.9's default UI: its root redirects there, but deep links without it open the old UI
 PREFECT_UI_BASE = "/v2"
@@ -351,6 +357,9 @@ def _ui(study: str | None, tracking_uri: str) -> int:
         print("\n".join(pages), flush=True)
         if not servers:
             return 0
+        if "PREFECT_API_URL" not in os.environ:  # started here: `adaptflow run` may use it meanwhile
+            UI_PREFECT_API.write_text(f"{prefect}/api")
+            print("Studies run meanwhile use this Prefect server (no start-up of their own).")
         print("Ctrl-C stops them.", flush=True)
         while all(server.poll() is None for server in servers):
             time.sleep(0.5)
@@ -360,8 +369,20 @@ def _ui(study: str | None, tracking_uri: str) -> int:
     finally:
         for stop in (signal.SIGINT, signal.SIGTERM):  # a second Ctrl-C must not leave a server behind
             signal.signal(stop, signal.SIG_IGN)
+        UI_PREFECT_API.unlink(missing_ok=True)
         for server in servers:
             _stop(server)
+
+
+def _ui_prefect_api() -> str | None:
+    """The API URL of the Prefect server a running `adaptflow ui` of this project serves, if it
+    answers: a study run while the UI is open uses it instead of starting a temporary server (~10 s),
+    and shows in the UI as it runs. Both use the project's Prefect database (PREFECT_HOME)."""
+    try:
+        api = UI_PREFECT_API.read_text().strip()
+    except OSError:
+        return None
+    return api if _answers(f"{api}/health", timeout=1) else None
 
 
 def _interrupt(signum: int, frame: FrameType | None) -> None:
@@ -406,9 +427,9 @@ def _wait_until_up(servers: list[subprocess.Popen[bytes]], health: list[str], lo
         time.sleep(0.5 if waiting else 0)
 
 
-def _answers(url: str) -> bool:
+def _answers(url: str, timeout: float = 5) -> bool:
     try:
-        with urllib.request.urlopen(url, timeout=5) as response:
+        with urllib.request.urlopen(url, timeout=timeout) as response:
             return response.status == 200
     except OSError:
         return False

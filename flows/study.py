@@ -400,10 +400,15 @@ def task_runner(workers: int, address: str | None = None) -> TaskRunner[Any]:
 
 
 @contextmanager
-def shared_prefect_server() -> Iterator[None]:
+def shared_prefect_server(running: str | None = None) -> Iterator[None]:
     """Without PREFECT_API_URL, every process that talks to Prefect starts its own temporary server
     (a cold start each, 15 s or more), task-runner workers included; this starts the one the flow
-    would start and gives its URL to the workers through the settings they inherit."""
+    would start and gives its URL to the workers through the settings they inherit. Given the API
+    URL of a `running` server (`adaptflow ui`'s), it uses that one instead and starts none."""
+    if running is not None:
+        with temporary_settings(updates={PREFECT_API_URL: running}):
+            yield
+        return
     if get_current_settings().api.url or not get_current_settings().server.ephemeral.enabled:
         yield
         return

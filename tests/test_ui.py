@@ -16,6 +16,8 @@ import psutil
 import pytest
 from mlflow.tracking import MlflowClient
 
+from tests.conftest import DEMO, ROOT, TINY_TRAINING, cli_overrides
+
 pytestmark = pytest.mark.slow
 
 ADAPTFLOW = Path(sys.executable).parent / "adaptflow"
@@ -87,8 +89,24 @@ def test_ui_serves_both_on_free_ports_and_ctrl_c_stops_both(tmp_path: Path) -> N
             assert status == 200 and json.loads(body)["run"]["info"]["experiment_id"] == experiment
             assert json.loads(get(f"{prefect}/ui-settings")[1])["api_url"] == f"{prefect}/api"
 
+            # a study run meanwhile uses the UI's Prefect server: none of its own, and it shows there
+            assert "Studies run meanwhile use this Prefect server" in printed
+            overrides = [*TINY_TRAINING, "seeds=[0]", "target=[webcam]", "episodes.shots=[1]"]
+            overrides += ["episodes.eval_episodes=10", "algorithms=[{name: protonet}]", "name=tiny-study"]
+            done = subprocess.run([ADAPTFLOW, "run", str(DEMO), *cli_overrides(*overrides)], cwd=ROOT,
+                                  env=environment, capture_output=True, text=True, timeout=600)  # fmt: skip
+            assert done.returncode == 0, done.stderr[-3000:]
+            assert f"using the Prefect server of `adaptflow ui`, {prefect}/api" in done.stderr
+            assert "Starting temporary server" not in done.stderr
+            request = urllib.request.Request(f"{prefect}/api/flow_runs/filter", data=b"{}", method="POST",
+                                             headers={"Content-Type": "application/json"})  # fmt: skip
+            with urllib.request.urlopen(request, timeout=10) as response:
+                names = [run["name"] for run in json.loads(response.read())]
+            assert any(name.startswith("tiny-study") for name in names), names
+
             ui.send_signal(signal.SIGINT)
             assert ui.wait(30) == 0
+            assert not (tmp_path / ".cache" / "ui" / "prefect-api").exists()  # later runs start their own
             _, alive = psutil.wait_procs(servers, timeout=10)
             assert not alive, f"left running: {[process.cmdline() for process in alive]}"
             assert refuses(int(mlflow.rsplit(":", 1)[1])) and refuses(int(prefect.rsplit(":", 1)[1]))
