@@ -140,3 +140,22 @@ def test_hf_encoder_embeds_equal_texts_equally_and_matches_sentence_transformers
 
     reference = SentenceTransformer(minilm, device="cpu").encode(texts, convert_to_tensor=True)
     assert torch.allclose(torch.nn.functional.normalize(embeddings, dim=1), reference, atol=1e-5)
+
+
+def test_a_frozen_hf_encoder_encodes_each_text_once_and_still_trains_its_map(minilm: str) -> None:
+    from metalib.backbones.hf_encoder import tokenize
+
+    texts = ["A great book, I loved it.", "The blender broke after a week.", "Dull, slow and too long."]
+    ids = tokenize(texts, minilm, max_tokens=32)
+    encoder = backbones.create("hf_encoder", ways=2, input_shape=(32,), model=minilm).encoder
+    encoded: list[int] = []  # rows the transformer ran on, per call
+    encoder.model.register_forward_hook(
+        lambda module, args, kwargs, output: encoded.append(len(kwargs["input_ids"])), with_kwargs=True
+    )
+    first = encoder(ids[:2])
+    again = encoder(ids[[2, 0, 1, 2]])  # one new text, two seen, one repeated
+    assert encoded == [2, 1]
+    assert torch.equal(again[1:3], first) and torch.equal(again[0], again[3])
+    assert torch.allclose(again, encoder.project(encoder._pool(ids[[2, 0, 1, 2]])), atol=1e-6)
+    again.sum().backward()  # the remembered embeddings feed the trainable map
+    assert encoder.project.weight.grad is not None and encoder.project.weight.grad.abs().sum() > 0
