@@ -143,10 +143,11 @@ def test_hf_encoder_embeds_equal_texts_equally_and_matches_sentence_transformers
 
 
 def test_a_frozen_hf_encoder_encodes_each_text_once_and_still_trains_its_map(minilm: str) -> None:
-    from metalib.backbones.hf_encoder import tokenize
+    from metalib.backbones.hf_encoder import POOLED, tokenize
 
     texts = ["A great book, I loved it.", "The blender broke after a week.", "Dull, slow and too long."]
     ids = tokenize(texts, minilm, max_tokens=32)
+    POOLED.clear()  # other tests may have encoded these texts
     encoder = backbones.create("hf_encoder", ways=2, input_shape=(32,), model=minilm).encoder
     encoded: list[int] = []  # rows the transformer ran on, per call
     encoder.model.register_forward_hook(
@@ -159,3 +160,10 @@ def test_a_frozen_hf_encoder_encodes_each_text_once_and_still_trains_its_map(min
     assert torch.allclose(again, encoder.project(encoder._pool(ids[[2, 0, 1, 2]])), atol=1e-6)
     again.sum().backward()  # the remembered embeddings feed the trainable map
     assert encoder.project.weight.grad is not None and encoder.project.weight.grad.abs().sum() > 0
+    encoded.clear()
+    other = backbones.create("hf_encoder", ways=2, input_shape=(32,), model=minilm).encoder
+    other.model.register_forward_hook(
+        lambda module, args, kwargs, output: encoded.append(len(kwargs["input_ids"])), with_kwargs=True
+    )
+    assert torch.equal(other(ids), again[1:])  # another encoder of the model (a later task) reuses them
+    assert encoded == []

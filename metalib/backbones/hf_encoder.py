@@ -35,6 +35,10 @@ def tokenize(texts: Sequence[str], model: str, max_tokens: int = 256) -> torch.T
     return ids.to(torch.int32)
 
 
+# model -> token ids of a text -> its pooled embedding under the frozen pretrained weights
+POOLED: dict[str, dict[tuple[int, ...], torch.Tensor]] = {}
+
+
 @REGISTRY.register("hf_encoder")
 class HFEncoder(nn.Module):
     """Mean of the last hidden states over the real tokens, then a trainable linear map.
@@ -42,8 +46,10 @@ class HFEncoder(nn.Module):
     The transformer is frozen (and kept in eval mode) by default. The linear map starts as the
     identity, so the encoder starts as the pretrained sentence embedding, and a frozen encoder
     still has something to meta-learn. A frozen transformer gives a text one pooled embedding for
-    good, so each distinct text is encoded once and remembered (`pooled`): episodes draw the same
-    reviews again and again, and the transformer is nearly all of the cost (~30 texts/s on 2 CPU cores).
+    good, so each distinct text is encoded once per process and remembered (`POOLED`, shared by every
+    encoder of the same frozen model: a study builds one per training and evaluation): episodes draw
+    the same reviews again and again, and the transformer is nearly all of the cost (~30 texts/s on
+    2 CPU cores).
     """
 
     vmappable = False  # attention has data-dependent control flow, which torch.func.vmap refuses
@@ -55,7 +61,7 @@ class HFEncoder(nn.Module):
         if freeze:
             self.model.requires_grad_(False)
             self.model.eval()
-        self.pooled: dict[bytes, torch.Tensor] = {}  # token ids -> pooled embedding, when frozen
+        self.pooled = POOLED.setdefault(model, {}) if freeze else {}
         self.out_features: int = self.model.config.hidden_size
         self.project = nn.Linear(self.out_features, self.out_features)
         with torch.no_grad():
@@ -86,7 +92,7 @@ class HFEncoder(nn.Module):
             with torch.no_grad():
                 for i, embedding in zip(new, self._pool(x[new]), strict=True):
                     self.pooled[keys[i]] = embedding
-        return self.project(torch.stack([self.pooled[key] for key in keys]))
+        return self.project(torch.stack([self.pooled[key] for key in keys]).to(x.device))
 
     def _pool(self, x: torch.Tensor) -> torch.Tensor:
         mask = x > 0
