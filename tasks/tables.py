@@ -52,7 +52,8 @@ def accuracy_table(
         grouped = summary.groupby([rows_key, *rest])
         averages = grouped.acc.mean().where(grouped.target.nunique() == targets).reset_index()
         averages["column"] = ["avg " + name for name in column_names(averages, rest)] if rest else "avg"
-        average_table = averages.pivot(index=rows_key, columns="column", values="acc")
+        average_columns = list(dict.fromkeys(averages.sort_values(rest or [rows_key]).column))  # 5 before 20
+        average_table = averages.pivot(index=rows_key, columns="column", values="acc")[average_columns]
         values = values.join(average_table)
         intervals = intervals.join(average_table * float("nan"))
     cells = pd.DataFrame(index=values.index, columns=values.columns, dtype=object)

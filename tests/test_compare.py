@@ -342,6 +342,18 @@ def test_target_averages_only_for_rows_with_every_target() -> None:
     assert list(by_target.columns) == ["dslr", "webcam", "avg"]
 
 
+def test_target_averages_follow_the_shot_counts_in_number_order() -> None:
+    summary = pd.DataFrame(
+        [
+            {"algorithm": "protonet", "target": target, "shots": shots, "acc": 0.5, "ci95": 0.01}
+            for target in ("dvd", "kitchen")
+            for shots in (1, 5, 20)
+        ]
+    )
+    table = accuracy_table(summary, ["algorithm", "target", "shots"], average_targets=True)
+    assert list(table.columns)[-3:] == ["avg 1-shot", "avg 5-shot", "avg 20-shot"]  # not 1, 20, 5
+
+
 def test_a_table_too_wide_for_the_terminal_gets_a_row_per_target(monkeypatch: pytest.MonkeyPatch) -> None:
     """Twelve text-benchmark targets at three shot counts would print 400 characters wide."""
     targets = [f"{a}->{b}" for a in ("books", "dvd", "electronics", "kitchen") for b in ("x", "y", "z")]
