@@ -15,7 +15,7 @@ import torch
 
 from adaptflow.errors import StudyError
 from adaptflow.spec import DataSpec, load_spec
-from metalib import EpisodeSampler, backbones, evaluate, meta_train
+from metalib import EpisodeSampler, algorithms, backbones, evaluate, meta_train
 from tasks.prepare import PreparedData, prepare
 from tasks.train import LearnerSetup
 from tests.conftest import OFFICE, ROOT
@@ -167,3 +167,30 @@ def test_a_frozen_hf_encoder_encodes_each_text_once_and_still_trains_its_map(min
     )
     assert torch.equal(other(ids), again[1:])  # another encoder of the model (a later task) reuses them
     assert encoded == []
+
+
+def test_a_frozen_hf_encoder_leaves_the_pretrained_weights_out_of_its_state(minilm: str) -> None:
+    """Trained models go to evaluation tasks, checkpoints and MLflow as state dicts: the frozen
+    transformer (90 MB) is rebuilt from `model`, so only what training changes travels."""
+    from metalib.backbones.hf_encoder import tokenize
+
+    ids = tokenize(["A great book, I loved it.", "The blender broke after a week."], minilm, max_tokens=32)
+    trained = algorithms.create(
+        "protonet", backbones.create("hf_encoder", ways=2, input_shape=(32,), model=minilm), ways=2
+    )
+    with torch.no_grad():
+        trained.net.encoder.project.weight.mul_(0.5)  # as if meta-training had changed the map
+    state = trained.state_dict()
+    assert sorted(state) == [
+        "net.encoder.project.bias",
+        "net.encoder.project.weight",
+        "net.head.bias",
+        "net.head.weight",
+    ]
+    rebuilt = algorithms.create(
+        "protonet", backbones.create("hf_encoder", ways=2, input_shape=(32,), model=minilm), ways=2
+    )
+    rebuilt.load_state_dict(state)  # strict: the frozen weights are filled in from the pretrained ones
+    assert torch.equal(rebuilt.net.encoder(ids), trained.net.encoder(ids))
+    unfrozen = backbones.create("hf_encoder", ways=2, input_shape=(32,), model=minilm, freeze=False)
+    assert any(key.startswith("encoder.model.") for key in unfrozen.state_dict())  # fine-tuned: kept

@@ -35,6 +35,16 @@ def tokenize(texts: Sequence[str], model: str, max_tokens: int = 256) -> torch.T
     return ids.to(torch.int32)
 
 
+def _drop_frozen(module: nn.Module, state: dict[str, Any], prefix: str, metadata: Any) -> None:
+    for key in [key for key in state if key.startswith(f"{prefix}model.")]:
+        del state[key]
+
+
+def _fill_frozen(module: nn.Module, state: dict[str, Any], prefix: str, *args: Any) -> None:
+    for name, value in module.model.state_dict().items():
+        state.setdefault(f"{prefix}model.{name}", value)
+
+
 # model -> token ids of a text -> its pooled embedding under the frozen pretrained weights
 POOLED: dict[str, dict[tuple[int, ...], torch.Tensor]] = {}
 
@@ -61,6 +71,10 @@ class HFEncoder(nn.Module):
         if freeze:
             self.model.requires_grad_(False)
             self.model.eval()
+            # frozen weights are the pretrained ones, rebuilt from `model`: state dicts (trained models
+            # sent to evaluation tasks, checkpoints, logged models) leave them out, 90 MB for MiniLM
+            self.register_state_dict_post_hook(_drop_frozen)
+            self.register_load_state_dict_pre_hook(_fill_frozen)
         self.pooled = POOLED.setdefault(model, {}) if freeze else {}
         self.out_features: int = self.model.config.hidden_size
         self.project = nn.Linear(self.out_features, self.out_features)
