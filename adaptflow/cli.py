@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shlex
 import signal
@@ -234,6 +235,8 @@ def _run(
     from tasks.allocator import keep_freed_memory
 
     keep_freed_memory()  # before Prefect starts the threads that run tasks: see tasks/allocator.py
+    from prefect.settings import get_current_settings
+
     from flows.evaluate import evaluate_saved_model
     from flows.study import shared_prefect_server, study, task_runner, validate_study
     from tasks.report import format_table
@@ -250,7 +253,7 @@ def _run(
         os.environ["MLFLOW_TRACKING_URI"] = uri
     started = time.perf_counter()
     flow_uri = None if has_secret(uri) else uri
-    running = None if os.environ.get("PREFECT_API_URL") else _ui_prefect_api()
+    running = None if get_current_settings().api.url else _ui_prefect_api()
     if running is not None:
         print(f"adaptflow: using the Prefect server of `adaptflow ui`, {running}", file=sys.stderr)
     server = shared_prefect_server(running) if workers > 1 or address or running else nullcontext()
@@ -278,12 +281,17 @@ def _run(
 def _sigterm_interrupts() -> Iterator[None]:
     """SIGTERM as Ctrl-C while a flow runs: Prefect's flow engine hands a SIGTERM on to this handler
     once it has marked the flow run, so the process exits through its `finally` blocks and atexit,
-    which stop the temporary Prefect server, instead of dying and leaving the server behind."""
+    which stop the temporary Prefect server, instead of dying and leaving the server behind. Once the
+    flow has ended (Prefect has waited for its tasks), an interruption's stop request is withdrawn, so
+    that what runs next in this process (`main()` called again) is not stopped by it."""
+    from tasks.stopping import STOP_REQUESTED
+
     previous = signal.signal(signal.SIGTERM, _interrupt)
     try:
         yield
     finally:
         signal.signal(signal.SIGTERM, previous)
+        STOP_REQUESTED.clear()
 
 
 def _tracking_uri(given: str | None) -> str:
@@ -318,7 +326,7 @@ def _compare(args: argparse.Namespace) -> int:
 
 LOOPBACK = "127.0.0.1"
 # where a running `adaptflow ui` leaves the API URL of the Prefect server it started
-UI_PREFECT_API = settings.PROJECT_DIR / ".cache" / "ui" / "prefect-api"
+UI_PREFECT_API = settings.PROJECT_DIR / ".cache" / "ui" / "prefect-api.json"
 UI_STARTUP_SECONDS = 120  # a cold Prefect server takes 13-17 s here, more on a busy machine
 # Prefect 3.9's default UI: its root redirects there, but deep links without it open the old UI
 PREFECT_UI_BASE = "/v2"
@@ -331,7 +339,8 @@ def _ui(study: str | None, tracking_uri: str) -> int:
     Executables come from this interpreter's environment, so no virtual environment needs to be
     activated; each server runs in its own session, so stopping its process group stops its workers.
     """
-    for stop in (signal.SIGINT, signal.SIGTERM):  # SIGINT too: a shell may start it with SIGINT ignored
+    # SIGINT too: a shell may start it with SIGINT ignored; SIGHUP: its terminal was closed
+    for stop in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(stop, _interrupt)
     logs = settings.PROJECT_DIR / ".cache" / "ui"
     logs.mkdir(parents=True, exist_ok=True)
@@ -358,7 +367,8 @@ def _ui(study: str | None, tracking_uri: str) -> int:
         if not servers:
             return 0
         if "PREFECT_API_URL" not in os.environ:  # started here: `adaptflow run` may use it meanwhile
-            UI_PREFECT_API.write_text(f"{prefect}/api")
+            state = {"api": f"{prefect}/api", "pid": os.getpid(), "prefect_home": os.environ["PREFECT_HOME"]}
+            UI_PREFECT_API.write_text(json.dumps(state))
             print("Studies run meanwhile use this Prefect server (no start-up of their own).")
         print("Ctrl-C stops them.", flush=True)
         while all(server.poll() is None for server in servers):
@@ -375,14 +385,17 @@ def _ui(study: str | None, tracking_uri: str) -> int:
 
 
 def _ui_prefect_api() -> str | None:
-    """The API URL of the Prefect server a running `adaptflow ui` of this project serves, if it
-    answers: a study run while the UI is open uses it instead of starting a temporary server (~10 s),
-    and shows in the UI as it runs. Both use the project's Prefect database (PREFECT_HOME)."""
+    """The API URL of the Prefect server a running `adaptflow ui` of this project serves: a study run
+    while the UI is open uses it instead of starting a temporary server (~10 s), and shows in the UI
+    as it runs. Only if that `adaptflow ui` is alive, serves this PREFECT_HOME and its server answers."""
     try:
-        api = UI_PREFECT_API.read_text().strip()
-    except OSError:
+        state = json.loads(UI_PREFECT_API.read_text())
+        os.kill(state["pid"], 0)
+    except (OSError, ValueError, KeyError, TypeError):  # none, unreadable, or its process is gone
         return None
-    return api if _answers(f"{api}/health", timeout=1) else None
+    if state.get("prefect_home") != os.environ.get("PREFECT_HOME"):
+        return None
+    return state["api"] if _answers(f"{state['api']}/health", timeout=1) else None
 
 
 def _interrupt(signum: int, frame: FrameType | None) -> None:

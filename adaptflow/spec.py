@@ -8,6 +8,7 @@ bad YAML or a mistyped key is reported without waiting for PyTorch to load.
 from __future__ import annotations
 
 import difflib
+import functools
 import importlib.util
 import re
 from collections.abc import Iterable
@@ -24,6 +25,7 @@ if TYPE_CHECKING:
     from metalib.search_space import SearchSpace
 
 
+@functools.cache
 def registered_names(package: str) -> list[str]:
     """The names registered in metalib/<package> (`algorithms`, `backbones`), read from the source
     files rather than imported, so that a mistyped name is reported without waiting for PyTorch.

@@ -3,7 +3,7 @@
 `sweep_memory.py` measured ~72 KiB of RSS growth per `log-evaluation` task over 1,000 of them. This
 runs 1,000 of one ingredient of that task in a fresh process and prints RSS after 100, 500 and 1,000:
 
-- `mlflow`: the MLflow calls `log-evaluation` makes (a child run with 17 tags, the spec's params, a
+- `mlflow`: the MLflow calls `log-evaluation` makes (a child run with 18 tags, the spec's params, a
   YAML and a JSON artifact, 3 metrics, ended FINISHED) on a new sqlite store, without Prefect;
 - `prefect`: 1,000 Prefect task runs in one flow that log nothing, with a model-sized dict and 600
   accuracies as parameters, their futures kept as the study flow keeps them.

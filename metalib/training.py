@@ -153,6 +153,7 @@ def meta_train(
         if validated or stopping or (checkpoint_every and step % checkpoint_every == 0):
             checkpoint(step)
         if stopping:
-            raise Stopped(f"{name} stopped at step {step} of {steps}; its checkpoint resumes it")
+            resumes = "; its checkpoint resumes it" if on_checkpoint is not None else ""
+            raise Stopped(f"{name} stopped at step {step} of {steps}{resumes}")
     learner.load_state_dict(best_state)
     return history

@@ -1,5 +1,5 @@
 """The study's stop request, set when a study is interrupted (Ctrl-C, SIGTERM) by
-flows/study.py:ended_if_stopped.
+flows/study.py:ended_if_stopped, cleared when the next study starts and when `adaptflow run` ends.
 
 With `--workers 1` the study's tasks are threads of the study process, which Python cannot kill, and
 Prefect's engine waits for them before the interruption ends the process. They check this event
@@ -10,6 +10,7 @@ are terminated instead (flows/study.py:StudyProcessPool).
 
 import threading
 
-# Tasks read it as `stopping.STOP_REQUESTED`: Prefect pickles a task's function by value, with the
-# globals it names, to send it to a worker process, and an Event cannot be pickled (a module can).
+# Tasks read it as `stopping.STOP_REQUESTED`: a task's module attribute is the Prefect Task, not its
+# function, so cloudpickle sends the function to a worker process by value, with the globals it
+# names, and an Event cannot be pickled (a module can).
 STOP_REQUESTED = threading.Event()

@@ -194,3 +194,8 @@ def test_a_frozen_hf_encoder_leaves_the_pretrained_weights_out_of_its_state(mini
     assert torch.equal(rebuilt.net.encoder(ids), trained.net.encoder(ids))
     unfrozen = backbones.create("hf_encoder", ways=2, input_shape=(32,), model=minilm, freeze=False)
     assert any(key.startswith("encoder.model.") for key in unfrozen.state_dict())  # fine-tuned: kept
+    # a frozen encoder given a transformer's weights remembers its embeddings for itself, not for all
+    given = backbones.create("hf_encoder", ways=2, input_shape=(32,), model=minilm)
+    given.load_state_dict(unfrozen.state_dict())
+    given.encoder(ids)
+    assert given.encoder.own_weights is not None and len(given.encoder.own_weights) == 2

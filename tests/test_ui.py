@@ -106,7 +106,7 @@ def test_ui_serves_both_on_free_ports_and_ctrl_c_stops_both(tmp_path: Path) -> N
 
             ui.send_signal(signal.SIGINT)
             assert ui.wait(30) == 0
-            assert not (tmp_path / ".cache" / "ui" / "prefect-api").exists()  # later runs start their own
+            assert not (tmp_path / ".cache" / "ui" / "prefect-api.json").exists()  # runs start their own
             _, alive = psutil.wait_procs(servers, timeout=10)
             assert not alive, f"left running: {[process.cmdline() for process in alive]}"
             assert refuses(int(mlflow.rsplit(":", 1)[1])) and refuses(int(prefect.rsplit(":", 1)[1]))

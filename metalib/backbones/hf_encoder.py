@@ -41,12 +41,14 @@ def _drop_frozen(module: nn.Module, state: dict[str, Any], prefix: str, metadata
 
 
 def _fill_frozen(module: nn.Module, state: dict[str, Any], prefix: str, *args: Any) -> None:
+    if any(key.startswith(f"{prefix}model.") for key in state):  # weights other than the pretrained
+        module.own_weights = {}
     for name, value in module.model.state_dict().items():
         state.setdefault(f"{prefix}model.{name}", value)
 
 
-# model -> token ids of a text -> its pooled embedding under the frozen pretrained weights
-POOLED: dict[str, dict[tuple[int, ...], torch.Tensor]] = {}
+# (model, device, dtype) -> token ids of a text -> its pooled embedding under the pretrained weights
+POOLED: dict[tuple[str, str, str], dict[tuple[int, ...], torch.Tensor]] = {}
 
 
 @REGISTRY.register("hf_encoder")
@@ -55,11 +57,13 @@ class HFEncoder(nn.Module):
 
     The transformer is frozen (and kept in eval mode) by default. The linear map starts as the
     identity, so the encoder starts as the pretrained sentence embedding, and a frozen encoder
-    still has something to meta-learn. A frozen transformer gives a text one pooled embedding for
-    good, so each distinct text is encoded once per process and remembered (`POOLED`, shared by every
-    encoder of the same frozen model: a study builds one per training and evaluation): episodes draw
-    the same reviews again and again, and the transformer is nearly all of the cost (~30 texts/s on
-    2 CPU cores).
+    still has something to meta-learn. A frozen transformer with its pretrained weights gives a text
+    one pooled embedding for good, so each distinct text is encoded once per process, device and dtype
+    and remembered (`POOLED`, shared by every such encoder of the model: a study builds one per training
+    and evaluation): episodes draw the same reviews again and again, and the transformer is nearly all
+    of the cost (~30 texts/s on 2 CPU cores). Texts first met inside a torch.func transform (MAML's
+    inner loop) are encoded there but not remembered. An encoder given other transformer weights
+    (`load_state_dict` of a fine-tuned model) remembers for itself only.
     """
 
     vmappable = False  # attention has data-dependent control flow, which torch.func.vmap refuses
@@ -75,7 +79,8 @@ class HFEncoder(nn.Module):
             # sent to evaluation tasks, checkpoints, logged models) leave them out, 90 MB for MiniLM
             self.register_state_dict_post_hook(_drop_frozen)
             self.register_load_state_dict_pre_hook(_fill_frozen)
-        self.pooled = POOLED.setdefault(model, {}) if freeze else {}
+        self.model_name = model
+        self.own_weights: dict[tuple[int, ...], torch.Tensor] | None = None  # once others are loaded
         self.out_features: int = self.model.config.hidden_size
         self.project = nn.Linear(self.out_features, self.out_features)
         with torch.no_grad():
@@ -96,17 +101,22 @@ class HFEncoder(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.freeze:
             return self.project(self._pool(x))
+        memo = self._memo(x.device)
         keys = [tuple(row) for row in x.tolist()]  # tolist, unlike numpy(), works inside torch.func
-        new = sorted({key: i for i, key in enumerate(keys) if key not in self.pooled}.values())
-        if new and torch._C._functorch.maybe_current_level() is not None:
-            # inside a torch.func transform (MAML's inner loop) tensors made here are the transform's
-            # and must not outlive it: remembered ones are read, new ones are not stored
-            return self.project(self._pool(x))
+        new = sorted({key: i for i, key in enumerate(keys) if key not in memo}.values())
+        computed: dict[tuple[int, ...], torch.Tensor] = {}
         if new:
             with torch.no_grad():
-                for i, embedding in zip(new, self._pool(x[new]), strict=True):
-                    self.pooled[keys[i]] = embedding
-        return self.project(torch.stack([self.pooled[key] for key in keys]).to(x.device))
+                computed = dict(zip([keys[i] for i in new], self._pool(x[new]), strict=True))
+            # inside a torch.func transform tensors made here are the transform's and must not outlive it
+            if torch._C._functorch.maybe_current_level() is None:
+                memo.update(computed)
+        return self.project(torch.stack([computed[key] if key in computed else memo[key] for key in keys]))
+
+    def _memo(self, device: torch.device) -> dict[tuple[int, ...], torch.Tensor]:
+        if self.own_weights is not None:
+            return self.own_weights
+        return POOLED.setdefault((self.model_name, str(device), str(self.model.dtype)), {})
 
     def _pool(self, x: torch.Tensor) -> torch.Tensor:
         mask = x > 0
