@@ -11,6 +11,7 @@ from prefect import task
 
 from metalib import EpisodeSampler, FixedEpisodes, backbones, evaluate, mean_ci95
 from metalib.device import resolve_device
+from metalib.evaluation import Stopped
 from tasks import stopping
 from tasks.allocator import keep_freed_memory
 from tasks.caching import stable_inputs
@@ -62,7 +63,10 @@ def evaluate_model(
     else:
         sampler = EpisodeSampler(target.x, target.y, setup.ways, shots, queries, episode_seed)
     started = time.perf_counter()
-    accuracies = evaluate(learner, sampler, episodes, device=resolved, stop=stopping.STOP_REQUESTED)
+    try:
+        accuracies = evaluate(learner, sampler, episodes, device=resolved, stop=stopping.STOP_REQUESTED)
+    except Stopped as exc:
+        return stopping.cancelled(exc)  # a State: Prefect ends the task Cancelled
     acc, ci95 = mean_ci95(accuracies)
     digest = hashlib.sha256(target.x.contiguous().cpu().numpy().tobytes())
     digest.update(target.y.cpu().numpy().tobytes())

@@ -34,7 +34,7 @@ from adaptflow.errors import StudyError
 from adaptflow.settings import PROJECT_DIR
 from adaptflow.spec import SearchSpec, StudySpec, TrainSpec
 from metalib import EpisodeSampler, TrainingHistory, meta_train
-from metalib.evaluation import episode_accuracies
+from metalib.evaluation import Stopped, episode_accuracies
 from metalib.search_space import Choice, FloatRange, SearchSpace
 from metalib.seeding import derive_seed
 from metalib.training import NonFiniteLoss
@@ -227,6 +227,8 @@ def run_trial(
                     raise optuna.TrialPruned()
     except optuna.TrialPruned:
         return TrialOutcome(None, TrialState.PRUNED, curves, time.perf_counter() - started)
+    except Stopped as exc:  # the trial stays RUNNING in Optuna: the next start queues it again
+        return stopping.cancelled(exc)  # a State: Prefect ends the task Cancelled
     except NonFiniteLoss as exc:
         return TrialOutcome(None, TrialState.FAIL, curves, time.perf_counter() - started, str(exc))
     return TrialOutcome(sum(scores) / len(scores), TrialState.COMPLETE, curves, time.perf_counter() - started)

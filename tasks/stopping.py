@@ -10,7 +10,17 @@ are terminated instead (flows/study.py:StudyProcessPool).
 
 import threading
 
+from prefect.states import Cancelled, State
+
+from metalib.evaluation import Stopped
+
 # Tasks read it as `stopping.STOP_REQUESTED`: a task's module attribute is the Prefect Task, not its
 # function, so cloudpickle sends the function to a worker process by value, with the globals it
 # names, and an Event cannot be pickled (a module can).
 STOP_REQUESTED = threading.Event()
+
+
+def cancelled(stopped: Stopped) -> State:
+    """What a task stopped by the request returns: a Cancelled state saying where it stopped. Raised,
+    `Stopped` would end the task Failed with a traceback in the log, for what the user asked for."""
+    return Cancelled(message=str(stopped))

@@ -19,6 +19,7 @@ from adaptflow.spec import Options, StudySpec, TrainSpec
 from metalib import EpisodeBatch, EpisodeSampler, TrainingHistory, algorithms, backbones, meta_train
 from metalib.algorithms import Algorithm
 from metalib.device import resolve_device
+from metalib.evaluation import Stopped
 from metalib.seeding import derive_seed
 from metalib.training import NonFiniteLoss
 from tasks import stopping
@@ -182,6 +183,8 @@ def train_model(
             resume=resume,
             stop=stopping.STOP_REQUESTED,
         )
+    except Stopped as exc:
+        return stopping.cancelled(exc)  # a State: Prefect ends the task Cancelled
     except NonFiniteLoss as exc:
         raise NonFiniteLoss(f"{exc}; lower the learning rate (the entry's lr or train.lr)") from None
     seconds = time.perf_counter() - started

@@ -161,10 +161,14 @@ def test_sigterm_stops_a_training_running_in_the_study_process(prefect_server: N
         took = time.time() - sent
     finally:
         stop(run, grace=10)
-    assert run.returncode == 130 and b"adaptflow: interrupted" in log.read_bytes()
+    printed = log.read_text()
+    assert run.returncode == 130 and "adaptflow: interrupted" in printed
     assert took < 30, f"the study took {took:.0f} s to stop: the running training was waited for"
     (stopped_at,) = checkpoint_steps(storage)  # the rerun resumes from here (tests/test_resume.py)
     assert 100 <= stopped_at < 100000
+    # the training ends Cancelled, saying where it stopped, not Failed with a traceback
+    assert f"Finished in state Cancelled('ProtoNet stopped at step {stopped_at} of 100000" in printed
+    assert "Traceback" not in printed and "Stopped(" not in printed
 
 
 def _group_alive(pgid: int) -> bool:
