@@ -95,7 +95,8 @@ def meta_train(
     seeded as before), training goes on from its step and ends with the same weights, bit for bit on
     CPU, as a run that never stopped. Raises NonFiniteLoss, naming the learner and the step, when a
     loss is NaN or infinite. Once `stop` is set (from another thread), training checkpoints at the end
-    of the current step and raises Stopped, so a resume loses nothing.
+    of the current step and raises Stopped, so a resume loses nothing; set before training begins, it
+    raises Stopped at once.
     """
     device = torch.device(device)
     learner.training_steps = steps
@@ -136,9 +137,11 @@ def meta_train(
                 )
             )
 
+    name = type(learner).__name__
+    if stop is not None and stop.is_set():  # asked before it began (a queued task): nothing to save
+        raise Stopped(f"{name} stopped before step {first} of {steps}")
     if resume is None:
         validate(0)
-    name = type(learner).__name__
     bar = tqdm(range(first, steps + 1), desc=name, disable=not progress, leave=False)
     for step in bar:
         metrics = learner.meta_train_step(sampler.sample(meta_batch).to(device))

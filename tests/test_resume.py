@@ -78,19 +78,36 @@ def test_a_resumed_training_ends_bit_for_bit_where_an_uninterrupted_one_does(nam
     assert resumed_history == history  # the same curves, each step once
 
 
+class ArrivesDuringFirstStep(threading.Event):
+    """A stop request made while the first training step runs: unset when asked at the start, set after."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.asked = 0
+
+    def is_set(self) -> bool:
+        self.asked += 1
+        return self.asked > 1
+
+
 def test_a_stop_request_ends_training_and_evaluation_and_the_training_resumes_from_it() -> None:
     """The event an interrupted study sets (tasks/stopping.py): the training step in progress ends and is
     checkpointed, though no checkpoint is scheduled, and the resumed training ends where an
-    uninterrupted one does; an evaluation stops before its next chunk."""
-    stop = threading.Event()
-    stop.set()
+    uninterrupted one does; a training asked before it begins stops without a step or a checkpoint; an
+    evaluation stops before its next chunk."""
     checkpoints: list[bytes] = []
     with pytest.raises(Stopped, match="ProtoNet stopped at step 1 of 4"):
-        train("protonet", keep=checkpoints, checkpoint_every=0, stop=stop)
+        train("protonet", keep=checkpoints, checkpoint_every=0, stop=ArrivesDuringFirstStep())
     assert [Checkpoint.from_bytes(data).step for data in checkpoints] == [1]
     weights, _ = train("protonet")
     resumed, _ = train("protonet", resume=Checkpoint.from_bytes(checkpoints[0]))
     assert all(torch.equal(resumed[key], value) for key, value in weights.items())
+
+    stop = threading.Event()
+    stop.set()  # before a training begins (a task queued behind the interrupted one): no step, no checkpoint
+    with pytest.raises(Stopped, match="ProtoNet stopped before step 1 of 4"):
+        train("protonet", keep=checkpoints, checkpoint_every=0, stop=stop)
+    assert len(checkpoints) == 1
 
     learner = algorithms.create(
         "protonet", backbones.create("mlp", ways=5, input_shape=office().input_shape), ways=5
