@@ -114,7 +114,12 @@ def main(argv: list[str] | None = None) -> int:
         "with Friedman's test; writes them with plots to --out (also logged to the latest study run). "
         "docs/statistics.md explains the methods.",
     )
-    compare.add_argument("experiment", help="MLflow experiment name (the spec's `name`)")
+    compare.add_argument(
+        "experiment",
+        nargs="+",
+        help="MLflow experiment name (the spec's `name`); several are compared together, e.g. a spec's "
+        "defaults and its search run under two names (outputs are logged to the first)",
+    )
     compare.add_argument(
         "--tracking-uri", default=None, help="MLflow tracking URI or prefect-secret:NAME (default as for run)"
     )
@@ -139,7 +144,8 @@ def main(argv: list[str] | None = None) -> int:
     compare.add_argument(
         "--study",
         default="all",
-        help="'all' study runs of the experiment (latest result per cell), 'latest', or a parent run id",
+        help="'all' study runs of the experiment (latest result per cell), 'latest' (of each experiment), "
+        "or a parent run id",
     )
     compare.add_argument("--out", default="reports", help="folder for the table and plots (default reports/)")
     ui = commands.add_parser(
@@ -319,7 +325,7 @@ def _compare(args: argparse.Namespace) -> int:
     by = args.by.split(",") + (["seed"] if args.per_seed and "seed" not in args.by else [])
     comparison = compare(client, args.experiment, args.baseline, by, args.study)
     print(render(comparison, args.format))
-    files = write_outputs(client, args.experiment, comparison, args.format, Path(args.out))
+    files = write_outputs(client, args.experiment[0], comparison, args.format, Path(args.out))
     print("\nwritten: " + ", ".join(str(path) for path in files))
     return 0
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import tempfile
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -80,20 +81,30 @@ def complete(run: Run) -> bool:
     return run.info.status == "FINISHED" and "acc" in run.data.metrics
 
 
-def load_runs(client: MlflowClient, experiment: str, study: str = "all") -> pd.DataFrame:
+def experiment_names(experiments: str | Sequence[str]) -> list[str]:
+    return [experiments] if isinstance(experiments, str) else list(experiments)
+
+
+def load_runs(client: MlflowClient, experiments: str | Sequence[str], study: str = "all") -> pd.DataFrame:
     """The latest child run per (algorithm, source, target, shots, seed), with its episode accuracies.
 
-    `study` narrows the runs to one study execution: "latest", or a parent run id; "all" keeps every one.
+    Several experiments are read together, so that runs logged under different names (a spec's
+    defaults and its search) are compared on the same episodes. `study` narrows the runs to one study
+    execution: "latest" (of each experiment), or a parent run id; "all" keeps every one.
     """
-    found = client.get_experiment_by_name(experiment)
-    if found is None:
-        names = [e.name for e in client.search_experiments()]
-        raise StudyError(f"no MLflow experiment named {experiment!r}; the store has: {names}")
-    query = "tags.kind = 'evaluation'"
-    if study != "all":
-        parent = latest_study_run(client, experiment) if study == "latest" else study
-        query += f" and tags.`mlflow.parentRunId` = '{parent}'"
-    runs = client.search_runs([found.experiment_id], filter_string=query, max_results=50000)
+    names = experiment_names(experiments)
+    experiment = ", ".join(names)  # for messages
+    runs: list[Run] = []
+    for name in names:
+        found = client.get_experiment_by_name(name)
+        if found is None:
+            known = [e.name for e in client.search_experiments()]
+            raise StudyError(f"no MLflow experiment named {name!r}; the store has: {known}")
+        query = "tags.kind = 'evaluation'"
+        if study != "all":
+            parent = latest_study_run(client, name) if study == "latest" else study
+            query += f" and tags.`mlflow.parentRunId` = '{parent}'"
+        runs += client.search_runs([found.experiment_id], filter_string=query, max_results=50000)
     incomplete = [run.info.run_name for run in runs if not complete(run)]
     if incomplete:
         logger.warning(
@@ -142,14 +153,15 @@ def load_runs(client: MlflowClient, experiment: str, study: str = "all") -> pd.D
 
 def compare(
     client: MlflowClient,
-    experiment: str,
+    experiments: str | Sequence[str],
     baseline: str = "finetune",
     by: list[str] | None = None,
     study: str = "all",
 ) -> Comparison:
     """Everything `adaptflow compare` shows. Rows keep the order in which the algorithms were first
     run (the spec's order for one study execution)."""
-    runs = load_runs(client, experiment, study)
+    runs = load_runs(client, experiments, study)
+    experiment = ", ".join(experiment_names(experiments))  # for messages
     by = [("target" if key == "target_domain" else key) for key in (by or ["algorithm", "target", "shots"])]
     unknown = sorted(set(by) - {"algorithm", "target", "shots", "seed", "source_domains"})
     if unknown or "algorithm" not in by:
@@ -415,7 +427,7 @@ def write_outputs(
     client: MlflowClient, experiment: str, comparison: Comparison, fmt: str, out_dir: Path
 ) -> list[Path]:
     """Writes the comparison in `fmt`, its tables as tidy CSV files and the plots to `out_dir`, and logs
-    them to the latest study parent run."""
+    them to the latest study parent run of `experiment` (the first, when several were compared)."""
     from tasks.plots import accuracy_heatmap, accuracy_vs_shots, critical_difference
 
     out_dir.mkdir(parents=True, exist_ok=True)

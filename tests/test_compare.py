@@ -191,6 +191,40 @@ def test_cli_writes_table_and_plots_and_logs_them(
     } <= logged
 
 
+def test_runs_of_two_experiments_compare_together_on_the_same_episodes(
+    experiment: Experiment, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A spec's defaults and a variant logged under another name (as a search study is): one table,
+    and the variant tested against the first experiment's baseline, paired on the same episodes."""
+    client, folder = experiment
+    uri = client.tracking_uri
+    variant = "algorithms=[{name: protonet, label: protonet_cosine, distance: cosine}]"
+    args = [*TINY, "--set", variant, "--set", "seeds=[0, 1, 2]", "--set", "name=compare-variant"]
+    assert main(["run", str(DEMO), *args, "--tracking-uri", uri]) == 0
+    both = compare(client, ["compare-test", "compare-variant"], baseline="finetune")
+    assert list(dict.fromkeys(both.runs.algorithm)) == [
+        "protonet",
+        "source_only",
+        "finetune",
+        "protonet_cosine",
+    ]
+    alone = compare(client, "compare-test", baseline="finetune")
+    assert set(both.paired.algorithm) == {"protonet", "source_only", "protonet_cosine"}
+    tested = both.paired.set_index("algorithm")
+    assert tested.loc["protonet_cosine", "seeds"] == 3  # paired: its episodes are the baseline's
+    # the first experiment's own rows are unchanged by the second's
+    assert tested.loc["protonet", "difference"] == pytest.approx(
+        alone.paired.set_index("algorithm").loc["protonet", "difference"]
+    )
+    latest = compare(client, ["compare-test", "compare-variant"], study="latest")
+    assert len(latest.runs) == len(both.runs)  # the latest study of each experiment
+    with pytest.raises(StudyError, match="no MLflow experiment named 'compare-nope'"):
+        compare(client, ["compare-test", "compare-nope"])
+    out = folder / "report-two"
+    assert main(["compare", "compare-test", "compare-variant", "--tracking-uri", uri, "--out", str(out)]) == 0
+    assert "protonet_cosine" in capsys.readouterr().out and (out / "comparison.txt").exists()
+
+
 def test_refuses_to_mix_protocols(prefect_server: None, tmp_path: Path) -> None:
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     common = [
