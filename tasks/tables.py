@@ -48,9 +48,12 @@ def accuracy_table(
     intervals = summary.pivot(index=rows_key, columns="column", values="ci95").loc[rows, columns]
     if average_targets and "target" in column_keys:
         rest = [key for key in column_keys if key != "target"]
-        targets = summary.target.nunique()
         grouped = summary.groupby([rows_key, *rest])
-        averages = grouped.acc.mean().where(grouped.target.nunique() == targets).reset_index()
+        counts = grouped.target.nunique()
+        # every target of its column group (a source's targets leave the source out), not of the table
+        expected = summary.groupby(rest).target.nunique().reindex(counts.index.droplevel(0)) if rest else None
+        needed = summary.target.nunique() if expected is None else expected.to_numpy()
+        averages = grouped.acc.mean().where(counts.to_numpy() == needed).reset_index()
         averages["column"] = ["avg " + name for name in column_names(averages, rest)] if rest else "avg"
         average_columns = list(dict.fromkeys(averages.sort_values(rest or [rows_key]).column))  # 5 before 20
         average_table = averages.pivot(index=rows_key, columns="column", values="acc")[average_columns]

@@ -376,6 +376,44 @@ def test_target_averages_only_for_rows_with_every_target() -> None:
     assert list(by_target.columns) == ["dslr", "webcam", "avg"]
 
 
+def test_target_averages_per_source_count_the_targets_of_that_source() -> None:
+    """Studies of several sources (each evaluated on the other domains) compared together: each source's
+    average is over its own targets, though the table has more targets in all."""
+    summary = pd.DataFrame(
+        [
+            {
+                "algorithm": algorithm,
+                "source_domains": source,
+                "target": target,
+                "shots": 1,
+                "acc": acc,
+                "ci95": 0.01,
+            }
+            for algorithm, acc in (("protonet", 0.5), ("maml", 0.7))
+            for source, targets in (("amazon", ["dslr", "webcam"]), ("dslr", ["amazon", "webcam"]))
+            for target in targets
+        ]
+        + [
+            {
+                "algorithm": "maml",
+                "source_domains": "webcam",
+                "target": "dslr",
+                "shots": 1,
+                "acc": 0.9,
+                "ci95": 0.01,
+            }
+        ]
+    )
+    by = ["algorithm", "source_domains", "target", "shots"]
+    table = accuracy_table(summary, by, average_targets=True)
+    assert (
+        table.at["protonet", "avg amazon 1-shot"] == "50.0" and table.at["maml", "avg dslr 1-shot"] == "70.0"
+    )
+    assert (
+        table.at["maml", "avg webcam 1-shot"] == "90.0" and table.at["protonet", "avg webcam 1-shot"] == "–"
+    )
+
+
 def test_target_averages_follow_the_shot_counts_in_number_order() -> None:
     summary = pd.DataFrame(
         [
