@@ -104,7 +104,13 @@ def load_runs(client: MlflowClient, experiments: str | Sequence[str], study: str
         if study != "all":
             parent = latest_study_run(client, name) if study == "latest" else study
             query += f" and tags.`mlflow.parentRunId` = '{parent}'"
-        runs += client.search_runs([found.experiment_id], filter_string=query, max_results=50000)
+        found_runs = client.search_runs([found.experiment_id], filter_string=query, max_results=50000)
+        if len(names) > 1 and study != "all" and not found_runs:  # else the table would look complete
+            raise StudyError(
+                f"experiment {name!r} has no evaluated runs of study {study!r}; with several experiments "
+                "use --study all or latest"
+            )
+        runs += found_runs
     incomplete = [run.info.run_name for run in runs if not complete(run)]
     if incomplete:
         logger.warning(

@@ -11,6 +11,7 @@ are terminated instead (flows/study.py:StudyProcessPool).
 import threading
 
 from prefect.states import Cancelled, State
+from prefect.transactions import get_transaction
 
 from metalib.evaluation import Stopped
 
@@ -22,5 +23,11 @@ STOP_REQUESTED = threading.Event()
 
 def cancelled(stopped: Stopped) -> State:
     """What a task stopped by the request returns: a Cancelled state saying where it stopped. Raised,
-    `Stopped` would end the task Failed with a traceback in the log, for what the user asked for."""
+    `Stopped` would end the task Failed with a traceback in the log, for what the user asked for.
+
+    Prefect would store a returned state's (empty) result under the task's cache key, and the rerun
+    would take it for a finished task: the task's transaction is told not to write it."""
+    transaction = get_transaction()
+    if transaction is not None:
+        transaction.write_on_commit = False
     return Cancelled(message=str(stopped))

@@ -220,6 +220,10 @@ def test_runs_of_two_experiments_compare_together_on_the_same_episodes(
     assert len(latest.runs) == len(both.runs)  # the latest study of each experiment
     with pytest.raises(StudyError, match="no MLflow experiment named 'compare-nope'"):
         compare(client, ["compare-test", "compare-nope"])
+    one_parent = latest.runs.run_id.iloc[0]
+    parent = client.get_run(one_parent).data.tags["mlflow.parentRunId"]
+    with pytest.raises(StudyError, match="has no evaluated runs of study"):  # a parent is in one experiment
+        compare(client, ["compare-test", "compare-variant"], study=parent)
     out = folder / "report-two"
     assert main(["compare", "compare-test", "compare-variant", "--tracking-uri", uri, "--out", str(out)]) == 0
     assert "protonet_cosine" in capsys.readouterr().out and (out / "comparison.txt").exists()

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 from mlflow.entities import LoggedModelStatus
 from mlflow.tracking import MlflowClient
+from prefect.states import State
 
 from adaptflow.cli import main
 from adaptflow.spec import load_spec
@@ -23,8 +24,9 @@ from tasks.evaluate import evaluate_model
 from tasks.models import ModelRef
 from tasks.report import log_evaluation
 from tasks.run_states import OWNER_TAG, end_stale_runs, owner
+from tasks.stopping import STOP_REQUESTED
 from tasks.tracking import StudyRun
-from tasks.train import train_model
+from tasks.train import TrainedModel, train_model
 from tests.conftest import DEMO, TINY_TRAINING, cli_overrides
 
 OVERRIDES = [
@@ -131,6 +133,40 @@ def test_a_half_logged_evaluation_ends_failed_and_compare_skips_it(
     assert list(runs.algorithm) == ["protonet"] and len(runs.accuracies[0]) == 20
     assert f"skipping 1 incomplete evaluation run(s) (not FINISHED with acc): {half[0].info.run_name}" in (
         caplog.text
+    )
+
+
+def test_a_stopped_training_and_evaluation_end_cancelled_and_cache_nothing(diverging_study: Study) -> None:
+    """A task stopped by an interruption ends Cancelled, and the rerun computes it (from its checkpoint)
+    instead of taking the stopped task's empty result from the cache as a finished one."""
+    plan = plan_study(load_spec(DEMO, OVERRIDES))
+    setup = plan.setups[1]
+    inputs = training_inputs(plan, setup, 1)  # seed 1: not trained by the study, so not cached
+    target = plan.prepared.targets["webcam"]
+
+    def evaluation(trained: object) -> State:
+        return evaluate_model(
+            setup, trained, target, shots=1, queries=3, episodes=20,
+            episode_seed=derive_seed(1, "evaluation", "webcam", 1), device="cpu", return_state=True,
+        )  # fmt: skip
+
+    STOP_REQUESTED.set()
+    try:
+        stopped = train_model(**inputs, return_state=True)
+        assert stopped.is_cancelled() and stopped.message == "ProtoNet stopped before step 1 of 10"
+    finally:
+        STOP_REQUESTED.clear()
+    trained = train_model(**inputs, return_state=True)
+    assert trained.is_completed() and trained.name != "Cached" and isinstance(trained.result(), TrainedModel)
+    STOP_REQUESTED.set()
+    try:
+        stopped = evaluation(trained.result())
+        assert stopped.is_cancelled() and stopped.message == "evaluation stopped after 0 of 20 episodes"
+    finally:
+        STOP_REQUESTED.clear()
+    evaluated = evaluation(trained.result())
+    assert (
+        evaluated.is_completed() and evaluated.name != "Cached" and len(evaluated.result().accuracies) == 20
     )
 
 
