@@ -97,7 +97,7 @@ def test_an_interruption_stops_the_worker_processes_and_the_temporary_server(
     log = tmp_path / "stderr.log"
     with log.open("wb") as stderr:
         run = subprocess.Popen(command, cwd=ROOT, env=env, start_new_session=True, stdout=subprocess.DEVNULL,
-                               stderr=stderr, preexec_fn=sigint_as_in_a_terminal)  # fmt: skip
+                               stderr=stderr)  # fmt: skip
     client = MlflowClient(tracking_uri=uri)
     deadline = time.time() + 300
     try:
@@ -183,13 +183,6 @@ def test_sigterm_stops_a_training_running_in_the_study_process(prefect_server: N
     # the training ends Cancelled, saying where it stopped, not Failed with a traceback
     assert f"Finished in state Cancelled('ProtoNet stopped at step {stopped_at} of 100000" in printed
     assert "Traceback" not in printed and "Stopped(" not in printed
-
-
-def sigint_as_in_a_terminal() -> None:
-    """In the child, before exec: SIGINT's default action, which a terminal's foreground job has. A
-    shell that runs the tests in the background starts them with SIGINT ignored, and the child would
-    inherit that and finish its study instead of stopping."""
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def _group_alive(pgid: int) -> bool:
