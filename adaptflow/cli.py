@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import atexit
-import ctypes
 import json
 import os
 import shlex
@@ -15,7 +13,7 @@ import sys
 import time
 import urllib.request
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from types import FrameType
 from urllib.parse import quote, urlsplit
@@ -243,8 +241,10 @@ def _run(
     from tasks.allocator import keep_freed_memory
 
     keep_freed_memory()  # before Prefect starts the threads that run tasks: see tasks/allocator.py
+    from prefect.settings import get_current_settings
+
     from flows.evaluate import evaluate_saved_model
-    from flows.study import study, task_runner, validate_study
+    from flows.study import shared_prefect_server, study, task_runner, validate_study
     from tasks.report import format_table
     from tasks.summary import interval_caption
     from tasks.tracking import check_reachable
@@ -259,7 +259,11 @@ def _run(
         os.environ["MLFLOW_TRACKING_URI"] = uri
     started = time.perf_counter()
     flow_uri = None if has_secret(uri) else uri
-    with _sigterm_interrupts(), _prefect_server():
+    running = None if get_current_settings().api.url else _ui_prefect_api()
+    if running is not None:
+        print(f"adaptflow: using the Prefect server of `adaptflow ui`, {running}", file=sys.stderr)
+    server = shared_prefect_server(running) if workers > 1 or address or running else nullcontext()
+    with _sigterm_interrupts(), server:
         if model_uri is None:
             rows = study.with_options(task_runner=task_runner(workers, address))(
                 spec=str(Path(spec_path)), overrides=overrides, tracking_uri=flow_uri
@@ -277,54 +281,6 @@ def _run(
     store = "" if uri == settings.default_tracking_uri() else f" --tracking-uri {shlex.quote(redact(uri))}"
     print(f"  {_adaptflow_command()} ui --study {shlex.quote(spec.name)}{store}")
     return 0
-
-
-@contextmanager
-def _prefect_server() -> Iterator[None]:
-    """The Prefect server of this command's flow and of the worker processes it starts (they inherit
-    its URL through the settings): the configured one (PREFECT_API_URL, a profile); else that of a
-    running `adaptflow ui` of this project, which needs no start-up and shows the run as it goes; else
-    a temporary server started here and stopped when this process exits.
-
-    The temporary server runs in a session of its own. Prefect's would share the command's process
-    group, so a Ctrl-C in the terminal (sent to the whole group) stopped it at once, and the command
-    then spent minutes retrying it to record how the flow ended (201 s measured)."""
-    from prefect.settings import PREFECT_API_URL, get_current_settings, temporary_settings
-
-    current = get_current_settings()
-    if current.api.url or not current.server.ephemeral.enabled:
-        yield
-        return
-    api = _ui_prefect_api()
-    if api is not None:
-        print(f"adaptflow: using the Prefect server of `adaptflow ui`, {api}", file=sys.stderr)
-    else:
-        logs = settings.PROJECT_DIR / ".cache" / "prefect-server"
-        logs.mkdir(parents=True, exist_ok=True)
-        port = _free_port(0)
-        api = f"http://{LOOPBACK}:{port}/api"
-        print(f"adaptflow: starting a temporary Prefect server on {api}", file=sys.stderr)
-        command = ["prefect", "server", "start", "--host", LOOPBACK, "--port", str(port), "--no-services"]
-        server = _serve(command, {"PREFECT_UI_ENABLED": "0"}, logs, name=f"prefect-{port}", parent_bound=True)
-        # stopped at exit, after Prefect's log and event workers (registered later, so run earlier) flush
-        atexit.register(_stop, server)
-        _wait_until_up([server], [f"{api}/health"], logs)  # on failure its log is kept
-        atexit.register((logs / f"prefect-{port}.log").unlink, missing_ok=True)
-        _register_as_prefects_temporary_server(server, port)
-    with temporary_settings(updates={PREFECT_API_URL: api}):
-        yield
-
-
-def _register_as_prefects_temporary_server(server: subprocess.Popen[bytes], port: int) -> None:
-    """Prefect's background threads (events, logs) do not see the settings of the thread that starts
-    them: without an API URL they would start a temporary server of their own. Registered as Prefect's
-    default temporary server (as prefect.testing's harness registers its own, PrefectHQ/prefect#21544),
-    ours is the one they find, already running."""
-    from prefect.server.api.server import SubprocessASGIServer
-
-    registered = SubprocessASGIServer(port)
-    registered.server_process, registered.running = server, True
-    SubprocessASGIServer._instances[None] = registered
 
 
 @contextmanager
@@ -463,15 +419,10 @@ def _free_port(preferred: int) -> int:
         return probe.getsockname()[1]
 
 
-def _serve(
-    command: list[str], environment: dict[str, str], logs: Path, name: str = "", parent_bound: bool = False
-) -> subprocess.Popen[bytes]:
-    """Starts this environment's `command` in its own session, its output in logs/<name>.log (the
-    command's name by default). `parent_bound`: it gets SIGTERM when this process dies, even by SIGKILL
-    (Linux), so that a killed command leaves no server behind though its process group is not the
-    command's."""
+def _serve(command: list[str], environment: dict[str, str], logs: Path) -> subprocess.Popen[bytes]:
+    """Starts this environment's `command` in its own session, its output in logs/<name>.log."""
     executable = str(Path(sys.executable).parent / command[0])
-    with (logs / f"{name or command[0]}.log").open("wb") as log:
+    with (logs / f"{command[0]}.log").open("wb") as log:
         return subprocess.Popen(
             [executable, *command[1:]],
             env={**os.environ, **environment},
@@ -479,13 +430,7 @@ def _serve(
             stdout=log,
             stderr=subprocess.STDOUT,
             start_new_session=True,
-            preexec_fn=_terminate_with_parent if parent_bound and sys.platform == "linux" else None,
         )
-
-
-def _terminate_with_parent() -> None:
-    """In the child, before exec: ask Linux for SIGTERM when the parent dies (PR_SET_PDEATHSIG)."""
-    ctypes.CDLL(None).prctl(1, signal.SIGTERM)
 
 
 def _wait_until_up(servers: list[subprocess.Popen[bytes]], health: list[str], logs: Path) -> None:
@@ -494,7 +439,7 @@ def _wait_until_up(servers: list[subprocess.Popen[bytes]], health: list[str], lo
     waiting = list(health)
     while waiting:
         if any(server.poll() is not None for server in servers):
-            raise StudyError(f"a server exited while starting; its log is in {logs}")
+            raise StudyError(f"a UI server exited while starting; its log is in {logs}")
         if time.monotonic() > deadline:
             raise StudyError(f"{', '.join(waiting)} did not answer in {UI_STARTUP_SECONDS} s; logs in {logs}")
         waiting = [url for url in waiting if not _answers(url)]

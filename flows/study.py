@@ -20,7 +20,7 @@ import torch
 from prefect import flow
 from prefect.futures import PrefectFuture
 from prefect.runtime import deployment, flow_run
-from prefect.settings import get_current_settings
+from prefect.settings import PREFECT_API_URL, get_current_settings, temporary_settings
 from prefect.task_runners import ProcessPoolTaskRunner, TaskRunner, ThreadPoolTaskRunner
 
 from adaptflow import settings
@@ -397,6 +397,27 @@ def task_runner(workers: int, address: str | None = None) -> TaskRunner[Any]:
             raise StudyError("--task-runner dask needs prefect-dask: pip install -e '.[dask]'") from exc
         return DaskTaskRunner(address=address)
     return ThreadPoolTaskRunner(max_workers=1) if workers == 1 else processes(workers)
+
+
+@contextmanager
+def shared_prefect_server(running: str | None = None) -> Iterator[None]:
+    """Without PREFECT_API_URL, every process that talks to Prefect starts its own temporary server
+    (a cold start each, 15 s or more), task-runner workers included; this starts the one the flow
+    would start and gives its URL to the workers through the settings they inherit. Given the API
+    URL of a `running` server (`adaptflow ui`'s), it uses that one instead and starts none."""
+    if running is not None:
+        with temporary_settings(updates={PREFECT_API_URL: running}):
+            yield
+        return
+    if get_current_settings().api.url or not get_current_settings().server.ephemeral.enabled:
+        yield
+        return
+    from prefect.server.api.server import SubprocessASGIServer
+
+    server = SubprocessASGIServer()
+    server.start()  # stopped when this process exits, as Prefect stops its own
+    with temporary_settings(updates={PREFECT_API_URL: server.api_url}):
+        yield
 
 
 # One worker thread: torch's random generator is global to the process, so tasks that seed it
