@@ -13,7 +13,7 @@ import sys
 import time
 import urllib.request
 from collections.abc import Iterator
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from pathlib import Path
 from types import FrameType
 from urllib.parse import quote, urlsplit
@@ -262,8 +262,7 @@ def _run(
     running = None if get_current_settings().api.url else _ui_prefect_api()
     if running is not None:
         print(f"adaptflow: using the Prefect server of `adaptflow ui`, {running}", file=sys.stderr)
-    server = shared_prefect_server(running) if workers > 1 or address or running else nullcontext()
-    with _sigterm_interrupts(), server:
+    with _sigterm_interrupts(), shared_prefect_server(running):
         if model_uri is None:
             rows = study.with_options(task_runner=task_runner(workers, address))(
                 spec=str(Path(spec_path)), overrides=overrides, tracking_uri=flow_uri
@@ -285,18 +284,20 @@ def _run(
 
 @contextmanager
 def _sigterm_interrupts() -> Iterator[None]:
-    """SIGTERM as Ctrl-C while a flow runs: Prefect's flow engine hands a SIGTERM on to this handler
-    once it has marked the flow run, so the process exits through its `finally` blocks and atexit,
-    which stop the temporary Prefect server, instead of dying and leaving the server behind. Once the
-    flow has ended (Prefect has waited for its tasks), an interruption's stop request is withdrawn, so
-    that what runs next in this process (`main()` called again) is not stopped by it."""
+    """SIGTERM and SIGHUP (the terminal closed) as Ctrl-C while a flow runs: Prefect's flow engine
+    hands a SIGTERM on to this handler once it has marked the flow run, so the process exits through
+    its `finally` blocks and atexit, which stop the temporary Prefect server (in a process group of its
+    own, so no signal to the terminal's group reaches it), instead of dying and leaving the server
+    behind. Once the flow has ended (Prefect has waited for its tasks), an interruption's stop request
+    is withdrawn, so that what runs next in this process (`main()` called again) is not stopped by it."""
     from tasks.stopping import STOP_REQUESTED
 
-    previous = signal.signal(signal.SIGTERM, _interrupt)
+    previous = {signum: signal.signal(signum, _interrupt) for signum in (signal.SIGTERM, signal.SIGHUP)}
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
         STOP_REQUESTED.clear()
 
 
@@ -405,7 +406,7 @@ def _ui_prefect_api() -> str | None:
 
 
 def _interrupt(signum: int, frame: FrameType | None) -> None:
-    """SIGTERM acts as Ctrl-C: the `finally` blocks that stop servers and worker processes run."""
+    """SIGTERM or SIGHUP acts as Ctrl-C: the `finally` blocks that stop servers and workers run."""
     raise KeyboardInterrupt
 
 

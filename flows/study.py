@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import gc
 import os
+import subprocess
 import time
 import warnings
 from collections.abc import Iterator
@@ -404,7 +405,11 @@ def shared_prefect_server(running: str | None = None) -> Iterator[None]:
     """Without PREFECT_API_URL, every process that talks to Prefect starts its own temporary server
     (a cold start each, 15 s or more), task-runner workers included; this starts the one the flow
     would start and gives its URL to the workers through the settings they inherit. Given the API
-    URL of a `running` server (`adaptflow ui`'s), it uses that one instead and starts none."""
+    URL of a `running` server (`adaptflow ui`'s), it uses that one instead and starts none.
+
+    The server runs in a process group of its own: Ctrl-C in a terminal signals the whole foreground
+    group, and a server stopped with the study would leave the interrupted flow retrying it for
+    minutes to record how it ended. It is still stopped when this process exits (Prefect's atexit)."""
     if running is not None:
         with temporary_settings(updates={PREFECT_API_URL: running}):
             yield
@@ -412,12 +417,32 @@ def shared_prefect_server(running: str | None = None) -> Iterator[None]:
     if get_current_settings().api.url or not get_current_settings().server.ephemeral.enabled:
         yield
         return
-    from prefect.server.api.server import SubprocessASGIServer
+    from prefect.server.api import server as prefect_server
 
-    server = SubprocessASGIServer()
-    server.start()  # stopped when this process exits, as Prefect stops its own
+    server = prefect_server.SubprocessASGIServer()  # the instance Prefect's own clients look up
+    if not server.running:
+        with _new_processes_in_own_group():
+            server.start()
     with temporary_settings(updates={PREFECT_API_URL: server.api_url}):
         yield
+
+
+class _OwnGroupPopen(subprocess.Popen):  # type: ignore[type-arg]
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, process_group=0, **kwargs)
+
+
+@contextmanager
+def _new_processes_in_own_group() -> Iterator[None]:
+    """Processes started meanwhile get a process group of their own. Prefect's temporary server is
+    started by a private method of its class with no option for this, so `subprocess.Popen` is swapped
+    for the moment of its start, in the main thread, before any task or worker runs."""
+    popen = subprocess.Popen
+    subprocess.Popen = _OwnGroupPopen  # type: ignore[misc]
+    try:
+        yield
+    finally:
+        subprocess.Popen = popen  # type: ignore[misc]
 
 
 # One worker thread: torch's random generator is global to the process, so tasks that seed it
