@@ -127,11 +127,17 @@ def open_search(search: SearchSpec, storage: str, key: str, space: SearchSpace) 
         process = trial.user_attrs.get(OWNER_TAG)
         # no owner: killed between Optuna creating the trial and `ask` naming its owner
         if process is None or dead_here(process):
-            study._storage.set_trial_user_attr(trial._trial_id, INTERRUPTED, True)
-            study._storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)
-            if set(trial.params) == set(space):
-                study.enqueue_trial(trial.params)
+            end_interrupted(study, trial, requeue=set(trial.params) == set(space))
     return study
+
+
+def end_interrupted(study: optuna.Study, trial: FrozenTrial, requeue: bool) -> None:
+    """Fails an interrupted trial, marked so (it does not count against the budget), and with `requeue`
+    queues its hyperparameters again, so that the next start of the search trains them first."""
+    study._storage.set_trial_user_attr(trial._trial_id, INTERRUPTED, True)
+    study._storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)
+    if requeue:
+        study.enqueue_trial(trial.params)
 
 
 def finished(study: optuna.Study) -> list[FrozenTrial]:
@@ -227,7 +233,10 @@ def run_trial(
                     raise optuna.TrialPruned()
     except optuna.TrialPruned:
         return TrialOutcome(None, TrialState.PRUNED, curves, time.perf_counter() - started)
-    except Stopped as exc:  # the trial stays RUNNING in Optuna: the next start queues it again
+    except Stopped as exc:
+        # ended here, not left RUNNING: a later start in this same (long-lived) process would not
+        # take it for a dead process's trial. `ask` drew all its hyperparameters, so it is queued again.
+        end_interrupted(trial.study, trial.study._storage.get_trial(trial_id), requeue=True)
         return stopping.cancelled(exc)  # a State: Prefect ends the task Cancelled
     except NonFiniteLoss as exc:
         return TrialOutcome(None, TrialState.FAIL, curves, time.perf_counter() - started, str(exc))

@@ -23,8 +23,10 @@ from adaptflow.spec import load_spec, parse_spec
 from metalib import algorithms
 from metalib.search_space import FloatRange
 from tasks.prepare import prepare
-from tasks.search import folds
-from tests.conftest import DEMO, ROOT, cli_overrides, stop
+from tasks.search import ask, finished, folds, open_search, run_trial, with_params
+from tasks.stopping import STOP_REQUESTED
+from tasks.train import LearnerSetup
+from tests.conftest import DEMO, ROOT, TINY_TRAINING, cli_overrides, stop
 
 
 def test_every_learner_ships_a_search_space_around_its_defaults() -> None:
@@ -223,3 +225,33 @@ def test_a_training_on_another_pool_rebuilds_the_searched_configuration() -> Non
     for index, setup in enumerate(chosen):
         rebuilt = check_study(parse_spec(pool_spec(plan, index)), plan.prepared).setups[index]
         assert rebuilt == setup  # the label and every hyperparameter, the entry's fixed ones included
+
+
+def test_a_trial_stopped_by_an_interruption_is_queued_again_in_the_same_process(
+    prefect_server: None, tmp_path: Path
+) -> None:
+    """An interrupted trial ends FAILED and marked interrupted at once, with its hyperparameters queued
+    again: a later start in the same long-lived process (a served deployment, `main()` called again),
+    whose owner is alive, would otherwise find it RUNNING and never train it."""
+    spec = load_spec(DEMO, [*TINY_TRAINING, "search.trials=2", "algorithms=[{name: protonet}]"])
+    assert spec.search is not None
+    prepared = prepare(spec.data, spec.source, spec.target)
+    setup = LearnerSetup.from_spec(spec, spec.algorithms[0], prepared)
+    space = spec.search_space(spec.algorithms[0])
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    trial = ask(open_search(spec.search, storage, "stopped", space), space)
+    STOP_REQUESTED.set()
+    try:
+        state = run_trial(
+            spec.search, storage, "stopped", trial._trial_id, with_params(setup, trial.params),
+            folds(spec.search, spec, prepared), spec.train, spec.train_shots, spec.episodes.queries,
+            spec.search.seed, return_state=True,
+        )  # fmt: skip
+    finally:
+        STOP_REQUESTED.clear()
+    assert state.is_cancelled()
+    reopened = open_search(spec.search, storage, "stopped", space)  # this process, alive: not "dead"
+    (stopped,) = reopened.get_trials(deepcopy=False, states=(TrialState.FAIL,))
+    assert stopped.number == trial.number and stopped.user_attrs["interrupted"]
+    assert not finished(reopened)  # it does not count against the budget
+    assert ask(reopened, space).params == trial.params  # trained first on the next start
