@@ -437,6 +437,9 @@ def _new_processes_in_own_group() -> Iterator[None]:
     """Processes started meanwhile get a process group of their own. Prefect's temporary server is
     started by a private method of its class with no option for this, so `subprocess.Popen` is swapped
     for the moment of its start, in the main thread, before any task or worker runs."""
+    if os.name != "posix":  # process groups are POSIX's
+        yield
+        return
     popen = subprocess.Popen
     subprocess.Popen = _OwnGroupPopen  # type: ignore[misc]
     try:
