@@ -186,7 +186,7 @@ def main(argv: list[str] | None = None) -> int:
     except StudyError as exc:
         print(f"adaptflow: error: {exc}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:  # Ctrl-C, or SIGTERM through _interrupt
+    except KeyboardInterrupt:  # Ctrl-C, or SIGTERM or SIGHUP through _interrupt
         resumes = " What finished is kept; the same command again resumes." if args.command == "run" else ""
         print(f"\nadaptflow: interrupted.{resumes}", file=sys.stderr)
         return 130

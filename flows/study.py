@@ -317,7 +317,7 @@ def end(run: StudyRun, status: str, attempts: int = 6) -> None:
 @contextmanager
 def ended_if_stopped(run: StudyRun) -> Iterator[None]:
     """Ends the MLflow parent run (unless it has ended) FAILED if the block raises, KILLED if it is
-    interrupted (Ctrl-C, SIGTERM). A SIGKILLed study's run is ended KILLED by the next study. An
+    interrupted (Ctrl-C, SIGTERM, SIGHUP). A SIGKILLed study's run is ended KILLED by the next study. An
     interruption also asks the tasks running in threads of this process to stop (tasks/stopping.py):
     Prefect's engine waits for them before it lets the interruption end the process."""
     STOP_REQUESTED.clear()
