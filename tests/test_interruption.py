@@ -91,15 +91,16 @@ WITH_DEFAULT_SIGINT = [
 ]
 
 
-@pytest.mark.parametrize("signal_to", ["the process", "the process group"])
+@pytest.mark.parametrize("signal_to", ["the process", "the process group", "the terminal closing"])
 def test_an_interruption_stops_the_worker_processes_and_the_temporary_server(
     signal_to: str, tmp_path: Path
 ) -> None:
-    """`kill PID` (SIGTERM, what a scheduler sends) or Ctrl-C in a terminal (SIGINT to the whole
-    foreground process group) to a `--workers 2` study with its own temporary Prefect server: the study
-    exits promptly, says it was interrupted, marks its MLflow run KILLED and leaves no worker process
-    or server behind. Before, SIGTERM left the server running and the workers finished their tasks
-    first, and Ctrl-C stopped the server with the group, so the command spent minutes retrying it."""
+    """`kill PID` (SIGTERM, what a scheduler sends), Ctrl-C in a terminal (SIGINT to the whole
+    foreground process group) or the terminal closing (SIGHUP) to a `--workers 2` study with its own
+    temporary Prefect server: the study exits promptly, says it was interrupted, marks its MLflow run
+    KILLED and leaves no worker process or server behind. Before, SIGTERM left the server running and
+    the workers finished their tasks first, and Ctrl-C stopped the server with the group, so the
+    command spent minutes retrying it."""
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     args = [*ARGS, "--workers", "2", "--tracking-uri", uri]
     env = {key: value for key, value in os.environ.items() if key != "PREFECT_API_URL"}
@@ -118,8 +119,10 @@ def test_an_interruption_stops_the_worker_processes_and_the_temporary_server(
             time.sleep(0.1)
         if signal_to == "the process":
             os.kill(run.pid, signal.SIGTERM)
-        else:
+        elif signal_to == "the process group":
             os.killpg(run.pid, signal.SIGINT)
+        else:  # SIGHUP's default action would end the study without stopping the server it started
+            os.kill(run.pid, signal.SIGHUP)
         sent = time.time()
         run.wait(timeout=300)
         took = time.time() - sent
