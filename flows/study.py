@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import gc
 import os
+import signal
 import subprocess
 import time
 import warnings
@@ -380,8 +381,11 @@ def processes(workers: int | None = None) -> StudyProcessPool:
 
 
 def start_worker(threads: int) -> None:
-    """A task-runner process's set-up: its share of the cores, glibc's allocator, and the CLI's quiet
-    console."""
+    """A task-runner process's set-up: its share of the cores, glibc's allocator, the CLI's quiet
+    console, and no Ctrl-C of its own. A terminal's Ctrl-C signals the whole process group; a worker
+    interrupted midway through a pool call left the pool's queues locked and the study process hung at
+    exit, so the study process alone takes the interruption and stops its workers (StudyProcessPool)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     keep_freed_memory()  # before the worker's threads exist: see tasks/allocator.py
     torch.set_num_threads(threads)
     settings.quiet_if_asked()
