@@ -11,8 +11,9 @@ accuracies differ (expected: none). Run from the project folder:
 
     .venv/bin/python benchmarks/finetune_eval.py [--target webcam] [--episodes 600] [--threads N]
 
-`--per-episode-only` times only the first path, which needs nothing but `adapt`, so the same script
-measures an older checkout (PYTHONPATH=<checkout>) for comparison.
+`--path per-episode` times only the first path, which needs nothing but `adapt`, so the same script
+measures an older checkout (PYTHONPATH=<checkout>) for comparison; `--path batched` times only the
+second, to compare two versions of the batched path.
 """
 
 from __future__ import annotations
@@ -84,7 +85,12 @@ def main() -> None:
     parser.add_argument("--target", default="webcam", help="target domain of the demo (webcam or dslr)")
     parser.add_argument("--episodes", type=int, default=600)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
-    parser.add_argument("--per-episode-only", action="store_true", help="time only adapting one by one")
+    parser.add_argument(
+        "--path",
+        choices=["both", "per-episode", "batched"],
+        default="both",
+        help="time both paths and compare their accuracies (default), or one path alone",
+    )
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -102,19 +108,23 @@ def main() -> None:
         f"{os.getloadavg()[0]:.1f}; {learner.hparams}, {args.episodes} episodes on {args.target}"
     )
     for shots in spec.episodes.shots:
-        alone_s, alone_cpu, alone = timed(per_episode, learner, setup, target, shots, queries, args.episodes)
-        line = f"{shots}-shot: per episode {alone_s:.2f} s, {alone_cpu:.2f} s CPU (acc {alone.mean():.4f})"
-        if not args.per_episode_only:
+        parts = []
+        if args.path != "batched":
+            alone_s, alone_cpu, alone = timed(
+                per_episode, learner, setup, target, shots, queries, args.episodes
+            )
+            parts.append(f"per episode {alone_s:.2f} s, {alone_cpu:.2f} s CPU (acc {alone.mean():.4f})")
+        if args.path != "per-episode":
             batched_s, batched_cpu, batched = timed(
                 evaluate, learner, setup, target, shots, queries, args.episodes
             )
-            differ = int((batched != alone).sum())
-            line += (
-                f"; batched {batched_s:.2f} s, {batched_cpu:.2f} s CPU (acc {batched.mean():.4f}); "
+            parts.append(f"batched {batched_s:.2f} s, {batched_cpu:.2f} s CPU (acc {batched.mean():.4f})")
+        if args.path == "both":
+            parts.append(
                 f"speed-up {alone_s / batched_s:.1f}x wall, {alone_cpu / batched_cpu:.1f}x CPU; "
-                f"episodes whose accuracy differs: {differ}"
+                f"episodes whose accuracy differs: {int((batched != alone).sum())}"
             )
-        print(line, flush=True)
+        print(f"{shots}-shot: " + "; ".join(parts), flush=True)
 
 
 if __name__ == "__main__":

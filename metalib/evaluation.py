@@ -9,23 +9,21 @@ import torch
 from metalib.algorithms import Algorithm
 from metalib.episodes import EpisodeBatch, EpisodeSampler, FixedEpisodes
 
-# Support and query rows adapted to in one pass. One pass per episode is slow (fine-tuning fits a head
-# per pass); one per chunk of episodes needs memory for all their rows at once, as a training batch does.
-ROWS_PER_PASS = 1024
-
 
 class Stopped(Exception):
     """The caller asked training or evaluation to stop (its `stop` event was set from another thread)."""
 
 
 def episode_accuracies(
-    learner: Algorithm, batch: EpisodeBatch, rows_per_pass: int = ROWS_PER_PASS
+    learner: Algorithm, batch: EpisodeBatch, rows_per_pass: int | None = None
 ) -> torch.Tensor:
     """Adapts to every episode's support set and scores its queries; returns [T] accuracies.
 
-    Episodes are adapted to together, as many at once as have `rows_per_pass` rows (at least one).
+    Episodes are adapted to together, as many at once as have `rows_per_pass` rows (at least one;
+    by default the learner's `rows_per_pass`).
     """
-    step = max(1, rows_per_pass // (batch.support_x.shape[1] + batch.query_x.shape[1]))
+    rows = rows_per_pass or learner.rows_per_pass
+    step = max(1, rows // (batch.support_x.shape[1] + batch.query_x.shape[1]))
     parts = []
     for start in range(0, batch.num_tasks, step):
         part = slice(start, start + step)

@@ -18,6 +18,7 @@ import torch
 
 from metalib import EpisodeBatch, EpisodeSampler, algorithms, backbones, meta_train
 from metalib.algorithms import Algorithm
+from metalib.algorithms.blocks import CosineClassifier, StackedLinear
 from metalib.evaluation import episode_accuracies
 
 DATA = Path(__file__).resolve().parents[1] / "data"
@@ -114,3 +115,26 @@ def test_validation_scores_episodes_as_adapting_to_each_alone() -> None:
         progress=False,
     )
     assert history.curves["val/acc"][0] == (0, pytest.approx(expected, abs=1e-6))
+
+
+@pytest.mark.parametrize("head", ["linear", "cosine"])
+def test_stacked_heads_compute_each_episodes_own_head(head: str) -> None:
+    """Stacked heads (computed as weight @ x^T and transposed, for speed) give, per episode, the logits
+    and weight gradients of that episode's head alone, written the plain way."""
+    torch.manual_seed(0)
+    x = torch.randn(3, 7, 16, dtype=torch.float64)
+    heads = (StackedLinear(3, 16, 5) if head == "linear" else CosineClassifier(16, 5, 10.0, tasks=3)).double()
+    heads(x).square().sum().backward()
+    for t in range(3):
+        weight = heads.weight.detach()[t].clone().requires_grad_()
+        if head == "linear":
+            logits = x[t] @ weight.T + heads.bias.detach()[t]
+        else:
+            logits = (
+                10.0
+                * torch.nn.functional.normalize(x[t], dim=-1)
+                @ torch.nn.functional.normalize(weight, dim=-1).T
+            )
+        logits.square().sum().backward()
+        torch.testing.assert_close(heads(x)[t], logits, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(heads.weight.grad[t], weight.grad, rtol=1e-12, atol=1e-12)

@@ -40,6 +40,10 @@ class Algorithm(nn.Module, ABC):
     # meta-training episodes must have exactly `ways` classes; False when a learner meta-trains
     # on episodes of any number of classes (more than it is tested on, as Snell et al. did).
     fixed_ways: ClassVar[bool] = True
+    # Support and query rows evaluation adapts to in one pass (metalib/evaluation.py). One pass per
+    # episode is slow (fine-tuning fits a head per pass); one per chunk of episodes needs memory for
+    # all their rows at once, as a training batch does.
+    rows_per_pass: ClassVar[int] = 1024
 
     def __init__(self, net: Classifier, *, ways: int, num_classes: int, hparams: HParams) -> None:
         super().__init__()
