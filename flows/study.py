@@ -12,6 +12,7 @@ import os
 import signal
 import subprocess
 import time
+import traceback
 import warnings
 from collections.abc import Iterator
 from contextlib import closing, contextmanager
@@ -315,6 +316,21 @@ def end(run: StudyRun, status: str, attempts: int = 6) -> None:
             time.sleep(0.5 * 2**attempt)
 
 
+def release_interrupted_frames(interruption: BaseException) -> None:
+    """Drops the local variables of the frames an interruption passed through (and of those of the
+    exceptions it chained to). Python raises a signal's exception between any two bytecodes, also
+    inside SQLAlchemy's cleanup of an MLflow session, and that session's sqlite connection, referenced
+    only from those frames, then keeps the store locked until the process exits: the study's own
+    write that ends its run KILLED failed with "database is locked" (tests/test_interruption.py)."""
+    seen: set[int] = set()
+    error: BaseException | None = interruption
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        traceback.clear_frames(error.__traceback__)  # skips the frames still running (this one's callers)
+        error = error.__context__ or error.__cause__
+    gc.collect()
+
+
 @contextmanager
 def ended_if_stopped(run: StudyRun) -> Iterator[None]:
     """Ends the MLflow parent run (unless it has ended) FAILED if the block raises, KILLED if it is
@@ -327,8 +343,9 @@ def ended_if_stopped(run: StudyRun) -> Iterator[None]:
     except Exception:
         end(run, "FAILED")
         raise
-    except BaseException:
+    except BaseException as interruption:
         STOP_REQUESTED.set()
+        release_interrupted_frames(interruption)
         try:
             end(run, "KILLED")
         except Exception as exc:  # the interruption is what the user must see; the next study ends it

@@ -80,21 +80,32 @@ def test_interrupted_run_keeps_finished_work_and_rerun_resumes(prefect_server: N
     assert all(resumed[name] == "true" for name in finished)  # finished work was not redone
 
 
-@pytest.mark.parametrize("signal_to", ["the process", "the terminal closing"])
+# Ctrl-C in a terminal: SIGINT to the foreground process group, whose members start with SIGINT's
+# default action. A child of a non-interactive shell's background job inherits SIGINT ignored, so the
+# command is started through an exec that restores the default, as a terminal's shell does.
+WITH_DEFAULT_SIGINT = [
+    sys.executable,
+    "-c",
+    "import os, signal, sys; signal.signal(signal.SIGINT, signal.SIG_DFL); "
+    "os.execv(sys.argv[1], sys.argv[1:])",
+]
+
+
+@pytest.mark.parametrize("signal_to", ["the process", "the process group", "the terminal closing"])
 def test_an_interruption_stops_the_worker_processes_and_the_temporary_server(
     signal_to: str, tmp_path: Path
 ) -> None:
-    """`kill PID` (SIGTERM, what a scheduler sends) or the terminal closing (SIGHUP) to a `--workers 2`
-    study with its own temporary Prefect server: the study exits promptly, says it was interrupted,
-    marks its MLflow run KILLED and leaves no worker process or server behind. Before, SIGTERM left
-    the server running and the workers finished their tasks first, and SIGHUP ended the command with
-    the server still running. Ctrl-C (SIGINT to the process group) is not tested here: see
-    docs/reliability.md."""
+    """`kill PID` (SIGTERM, what a scheduler sends), Ctrl-C in a terminal (SIGINT to the whole
+    foreground process group) or the terminal closing (SIGHUP) to a `--workers 2` study with its own
+    temporary Prefect server: the study exits promptly, says it was interrupted, marks its MLflow run
+    KILLED and leaves no worker process or server behind. Before, SIGTERM left the server running and
+    the workers finished their tasks first, Ctrl-C stopped the server with the group, so the command
+    spent minutes retrying it, and SIGHUP ended the command with the server still running."""
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     args = [*ARGS, "--workers", "2", "--tracking-uri", uri]
     env = {key: value for key, value in os.environ.items() if key != "PREFECT_API_URL"}
     env["PREFECT_HOME"] = str(tmp_path / "prefect")  # a server of its own, not the session's
-    command = [sys.executable, "-m", "adaptflow.cli", "run", str(DEMO), *args]
+    command = [*WITH_DEFAULT_SIGINT, sys.executable, "-m", "adaptflow.cli", "run", str(DEMO), *args]
     log = tmp_path / "stderr.log"
     with log.open("wb") as stderr:
         run = subprocess.Popen(command, cwd=ROOT, env=env, start_new_session=True, stdout=subprocess.DEVNULL,
@@ -106,8 +117,12 @@ def test_an_interruption_stops_the_worker_processes_and_the_temporary_server(
             assert run.poll() is None, "the study ended before it could be interrupted"
             assert time.time() < deadline, "no evaluation was logged in time"
             time.sleep(0.1)
-        # SIGHUP's default action would end the study without stopping the server it started
-        os.kill(run.pid, signal.SIGTERM if signal_to == "the process" else signal.SIGHUP)
+        if signal_to == "the process":
+            os.kill(run.pid, signal.SIGTERM)
+        elif signal_to == "the process group":
+            os.killpg(run.pid, signal.SIGINT)
+        else:  # SIGHUP's default action would end the study without stopping the server it started
+            os.kill(run.pid, signal.SIGHUP)
         sent = time.time()
         run.wait(timeout=300)
         took = time.time() - sent
