@@ -319,9 +319,10 @@ def end(run: StudyRun, status: str, attempts: int = 6) -> None:
 def release_interrupted_frames(interruption: BaseException) -> None:
     """Drops the local variables of the frames an interruption passed through (and of those of the
     exceptions it chained to). Python raises a signal's exception between any two bytecodes, also
-    inside SQLAlchemy's cleanup of an MLflow session, and that session's sqlite connection, referenced
-    only from those frames, then keeps the store locked until the process exits: the study's own
-    write that ends its run KILLED failed with "database is locked" (tests/test_interruption.py)."""
+    inside SQLAlchemy's cleanup of an MLflow session, and that session's sqlite connection, then
+    referenced only from those frames (most likely), keeps the store locked until the process exits:
+    the study's own write that ends its run KILLED failed with "database is locked"
+    (tests/test_interruption.py, docs/reliability.md)."""
     seen: set[int] = set()
     error: BaseException | None = interruption
     while error is not None and id(error) not in seen:

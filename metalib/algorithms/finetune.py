@@ -23,9 +23,9 @@ class FineTune(SourceOnly):
         adapt_lr: float = 0.01
         adapt_weight_decay: float = 0.001
 
-    # A head fit costs mostly per step, not per episode, so a pass takes twice the default rows (a
-    # 100-episode chunk of 5-way 1-shot episodes in one pass, not two); its memory is that of
-    # embedding those rows without gradients.
+    # A head fit costs mostly per step, not per episode, so a pass takes twice the default rows (the
+    # demo's 100-episode chunks of 5-way 1-shot 3-query episodes in one pass, not two); its memory is
+    # that of embedding those rows without gradients.
     rows_per_pass = 2048
 
     SEARCH_SPACE = {
