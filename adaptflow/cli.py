@@ -193,7 +193,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _validate(spec_path: str, overrides: list[str]) -> int:
-    spec = _load(spec_path, overrides)  # before the heavy imports: a spec error takes a second, not ten
+    spec = _load(spec_path, overrides)  # before the heavy imports: see _load
     from flows.study import validate_study
 
     prepared = validate_study(spec)
@@ -215,8 +215,12 @@ def _validate(spec_path: str, overrides: list[str]) -> int:
 
 
 def _load(spec_path: str, overrides: list[str]) -> StudySpec:
-    """The spec with its overrides; an override holding a credential is refused by `validate` and
-    `run` alike, since `run` hands overrides to Prefect, which stores them as flow parameters."""
+    """The spec with its overrides, its data paths, columns and domain names checked.
+
+    Called before torch, Prefect and MLflow are imported, so that a spec or data-file error is
+    reported in about a second rather than ten. An override holding a credential is refused by
+    `validate` and `run` alike, since `run` hands overrides to Prefect, which stores them as flow
+    parameters."""
     secret = [repr(redact(item)) for item in overrides if has_secret(item)]
     if secret:
         raise StudyError(
@@ -224,7 +228,11 @@ def _load(spec_path: str, overrides: list[str]) -> StudySpec:
             "flow parameter. Put the value in the spec file, or the credential in the environment "
             "(e.g. HF_TOKEN, AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, MLFLOW_TRACKING_PASSWORD)."
         )
-    return load_spec(spec_path, overrides)
+    spec = load_spec(spec_path, overrides)
+    from tasks.loading import load_domains  # `datasets` only
+
+    load_domains(spec.data, [*spec.source, *spec.target])
+    return spec
 
 
 def _run(
@@ -237,7 +245,7 @@ def _run(
     verbose: bool = False,
 ) -> int:
     """Runs the study of a spec; with `model_uri`, evaluates that saved model on the spec's targets."""
-    spec = _load(spec_path, overrides)  # before the heavy imports: a spec error takes a second, not ten
+    spec = _load(spec_path, overrides)  # before the heavy imports: see _load
     from tasks.allocator import keep_freed_memory
 
     keep_freed_memory()  # before Prefect starts the threads that run tasks: see tasks/allocator.py

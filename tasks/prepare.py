@@ -29,16 +29,22 @@ from prefect.logging import get_run_logger
 
 from adaptflow.errors import StudyError
 from adaptflow.settings import PROJECT_DIR
-from adaptflow.spec import MODALITIES, DataSpec, DomainSource, FixedEpisodeSpec, StudySpec
+from adaptflow.spec import MODALITIES, DataSpec, FixedEpisodeSpec, StudySpec
 from metalib import episode_shape_problems, split_per_class
-from tasks import fixed_episodes, modalities
+from tasks import fixed_episodes, loading, modalities
 from tasks.caching import stable_inputs
+from tasks.loading import Domain, check_columns, load_domains
 
 CACHE_DIR = PROJECT_DIR / ".cache" / "prepared"
 CODE_VERSION = hashlib.sha256(
     b"".join(
         path.read_bytes()
-        for path in (Path(__file__), Path(fixed_episodes.__file__), *modalities.source_files())
+        for path in (
+            Path(__file__),
+            Path(loading.__file__),
+            Path(fixed_episodes.__file__),
+            *modalities.source_files(),
+        )
     )
 ).hexdigest()
 
@@ -88,81 +94,6 @@ class PreparedData:
     @property
     def input_shape(self) -> tuple[int, ...]:
         return tuple(self.source_train.x.shape[1:])
-
-
-@dataclass(frozen=True)
-class Domain:
-    """One domain's rows, with the names of its input and label columns."""
-
-    table: datasets.Dataset
-    input: str
-    label: str
-
-
-def load_table(
-    path: str,
-    data_files: Any = None,
-    config: str | None = None,
-    split: str | None = None,
-    revision: str | None = None,
-) -> datasets.Dataset:
-    """Rows of one dataset (or one split of it) as one table, whatever splits it was stored in."""
-    try:
-        loaded = datasets.load_dataset(path, config, data_files=data_files, split=split, revision=revision)
-    except FileNotFoundError as exc:
-        raise StudyError(
-            f"data path {path!r} was not found as a local folder, file or hub dataset "
-            f"({str(exc).split(' with any supported extension')[0]}). "
-            "Check the path, or give data_files."
-        ) from None
-    except ConnectionError as exc:
-        raise StudyError(
-            f"data path {path!r} could not be reached ({exc}). It looks like a hub id while "
-            "offline: download it once with network access (it is then cached), or point data.path "
-            "at a local copy."
-        ) from None
-    except ValueError as exc:
-        raise StudyError(
-            f"data path {path!r} ({_source_details(data_files, config, split)}): {exc}"
-        ) from None
-    except datasets.exceptions.DatasetGenerationError as exc:  # e.g. an empty or damaged file
-        raise StudyError(
-            f"data path {path!r} ({_source_details(data_files, config, split)}) could not be read: "
-            f"{exc.__cause__ or exc}. Is a file empty or damaged?"
-        ) from None
-    if isinstance(loaded, datasets.DatasetDict):
-        return datasets.concatenate_datasets(list(loaded.values()))
-    return loaded
-
-
-def _source_details(data_files: Any, config: str | None, split: str | None) -> str:
-    details = {"data_files": data_files, "config": config, "split": split}
-    return (
-        ", ".join(f"{key} {value!r}" for key, value in details.items() if value is not None) or "no options"
-    )
-
-
-def load_domains(data: DataSpec, names: list[str]) -> dict[str, Domain]:
-    """The study's domains, from `data.domains` (one source each) or from the domain column."""
-    if data.domains is not None:
-        unknown = [name for name in names if name not in data.domains]
-        if unknown:
-            raise StudyError(
-                f"domain(s) {unknown} are not defined under data.domains; it defines: {sorted(data.domains)}"
-            )
-        sources = data.domain_sources()
-        return {name: _load_domain(name, sources[name]) for name in names}
-    table = load_table(data.path or "", data.data_files, data.config, revision=data.revision)
-    _check_columns(table, [data.input, data.label, data.domain], "the dataset")
-    # compared as text: spec domains are strings, a column may hold integers (or nulls)
-    domains = np.asarray(table.select_columns([data.domain])[:][data.domain]).astype(str)
-    present = sorted(set(domains.tolist()))
-    unknown = [name for name in names if name not in present]
-    if unknown:
-        raise StudyError(f"domain(s) {unknown} not found in column {data.domain!r}; the data has: {present}")
-    return {
-        name: Domain(table.select(np.nonzero(domains == name)[0]), data.input, data.label) for name in names
-    }
 
 
 def prepare(
@@ -316,7 +247,7 @@ def _fixed_episodes(
     """(episode number, is-support) per row of a target domain with fixed episodes; None without."""
     if fixed is None:
         return None
-    _check_columns(domain.table, [fixed.episode, fixed.role], f"target domain {name!r}")
+    check_columns(domain.table, [fixed.episode, fixed.role], f"target domain {name!r}")
     return fixed_episodes.read(name, domain.table, fixed)
 
 
@@ -325,23 +256,6 @@ def _unlabelled_split(labels: torch.Tensor, data: DataSpec) -> tuple[torch.Tenso
     if data.target_unlabelled_fraction == 0:
         return torch.arange(len(labels)), torch.arange(0)
     return split_per_class(labels, data.target_unlabelled_fraction, data.split_seed)
-
-
-def _load_domain(name: str, source: DomainSource) -> Domain:
-    assert source.path and source.input and source.label  # resolved by DataSpec.domain_sources
-    table = load_table(source.path, source.data_files, source.config, source.split, source.revision)
-    _check_columns(table, [source.input, source.label], f"domain {name!r}")
-    return Domain(table, source.input, source.label)
-
-
-def _check_columns(table: datasets.Dataset, columns: list[str], where: str) -> None:
-    missing = [column for column in columns if column not in table.column_names]
-    if missing:
-        raise StudyError(
-            f"column(s) {missing} not in {where}; its columns are {table.column_names}. "
-            "Set data.input / data.label / data.domain (or input / label under data.domains) "
-            "to the right names."
-        )
 
 
 def _modality(domains: dict[str, Domain], data: DataSpec) -> str:

@@ -3,6 +3,7 @@ and leaves nothing in the MLflow store."""
 
 from __future__ import annotations
 
+import ast
 import json
 import os
 import subprocess
@@ -82,6 +83,12 @@ def test_missing_column_lists_the_columns(tmp_path: Path, capsys: pytest.Capture
 def test_unreachable_hub_id_offline(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     err = run_cli([str(DEMO), "--set", "data.path=someone/no-such-dataset"], tmp_path, capsys)
     assert "could not be reached" in err and "local copy" in err
+
+
+def test_missing_local_path_lists_its_folder(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    err = run_cli([str(DEMO), "--set", "data.path=data/office_caltech10_surff"], tmp_path, capsys)
+    assert "folder 'data' exists but has no 'office_caltech10_surff'" in err
+    assert "office_caltech10_surf'" in err  # the entry meant, among the folder's
 
 
 def test_too_few_examples_per_class(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -371,17 +378,32 @@ def test_spec_errors_come_before_the_heavy_imports(args: list[str], message: str
     assert done.stdout.strip() == "[]"
 
 
-def test_a_hyperparameter_error_loads_torch_but_not_the_rest() -> None:
-    """A mistyped hyperparameter needs the learner's typed hyperparameters (PyTorch), nothing else heavy."""
+@pytest.mark.parametrize(
+    ("override", "message", "not_loaded"),
+    [
+        # the learner's typed hyperparameters need PyTorch, nothing else heavy
+        ("algorithms.0.inner_lrr=0.1", "no hyperparameter inner_lrr", ["datasets", "mlflow", "prefect"]),
+        # paths, columns and domain names are checked with `datasets` (tasks/loading.py), after the
+        # hyperparameters (PyTorch) and before Prefect and MLflow
+        ("data.label=nosuch", "['nosuch'] not in the dataset", ["mlflow", "prefect"]),
+        ("target=[webcam, photos]", "['photos'] not found in column 'domain'", ["mlflow", "prefect"]),
+    ],
+)
+def test_errors_before_the_flows_load_leave_the_rest_unimported(
+    override: str, message: str, not_loaded: list[str]
+) -> None:
+    """Errors in a spec's values or its data files come before the flows are imported
+    (docs/benchmarks.md has the times from the command line)."""
     probe = (
         "import sys; from adaptflow.cli import main; code = main(sys.argv[1:]); "
         "print(sorted(m for m in ('torch', 'scipy', 'prefect', 'mlflow', 'datasets') if m in sys.modules)); "
         "sys.exit(code)"
     )
-    args = ["validate", str(DEMO), "--set", "algorithms.0.inner_lrr=0.1"]
+    args = ["validate", str(DEMO), "--set", override]
     done = subprocess.run([sys.executable, "-c", probe, *args], capture_output=True, text=True, cwd=ROOT)
-    assert done.returncode == 2 and "no hyperparameter inner_lrr" in done.stderr
-    assert done.stdout.strip() == "['torch']"
+    assert done.returncode == 2 and message in done.stderr
+    loaded = set(ast.literal_eval(done.stdout.strip()))
+    assert "torch" in loaded and not loaded & set(not_loaded), loaded
 
 
 def test_names_read_from_the_source_are_the_registered_ones() -> None:

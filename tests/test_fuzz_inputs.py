@@ -28,7 +28,8 @@ from adaptflow.errors import StudyError
 from adaptflow.spec import DataSpec, StudySpec, load_spec, parse_spec
 from flows.study import check_study
 from metalib import algorithms
-from tasks.prepare import Domain, PreparedData, _prepare, prepare
+from tasks.loading import Domain
+from tasks.prepare import PreparedData, _prepare, prepare
 from tests.conftest import DEMO
 
 SPEC_CASES, OVERRIDE_CASES, DATASET_CASES = 220, 220, 160

@@ -1,0 +1,125 @@
+"""Reading a study's domains with Hugging Face `datasets`: paths, columns and domain names checked.
+
+Kept free of torch, Prefect and MLflow, so that the CLI checks a spec's data in about a second,
+before it imports them (tasks/prepare.py then makes tensors of the same tables).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import datasets
+import numpy as np
+
+from adaptflow.errors import StudyError
+from adaptflow.spec import DataSpec, DomainSource
+
+
+@dataclass(frozen=True)
+class Domain:
+    """One domain's rows, with the names of its input and label columns."""
+
+    table: datasets.Dataset
+    input: str
+    label: str
+
+
+def load_table(
+    path: str,
+    data_files: Any = None,
+    config: str | None = None,
+    split: str | None = None,
+    revision: str | None = None,
+) -> datasets.Dataset:
+    """Rows of one dataset (or one split of it) as one table, whatever splits it was stored in."""
+    _check_local_path(path)
+    try:
+        loaded = datasets.load_dataset(path, config, data_files=data_files, split=split, revision=revision)
+    except FileNotFoundError as exc:
+        raise StudyError(
+            f"data path {path!r} was not found as a local folder, file or hub dataset "
+            f"({str(exc).split(' with any supported extension')[0]}). "
+            "Check the path, or give data_files."
+        ) from None
+    except ConnectionError as exc:
+        raise StudyError(
+            f"data path {path!r} could not be reached ({exc}). It looks like a hub id while "
+            "offline: download it once with network access (it is then cached), or point data.path "
+            "at a local copy."
+        ) from None
+    except ValueError as exc:
+        raise StudyError(
+            f"data path {path!r} ({_source_details(data_files, config, split)}): {exc}"
+        ) from None
+    except datasets.exceptions.DatasetGenerationError as exc:  # e.g. an empty or damaged file
+        raise StudyError(
+            f"data path {path!r} ({_source_details(data_files, config, split)}) could not be read: "
+            f"{exc.__cause__ or exc}. Is a file empty or damaged?"
+        ) from None
+    if isinstance(loaded, datasets.DatasetDict):
+        return datasets.concatenate_datasets(list(loaded.values()))
+    return loaded
+
+
+def _check_local_path(path: str) -> None:
+    """A missing path inside a folder that exists here is a local typo, not a hub id: said at once,
+    with the folder's entries, instead of after the hub lookup (which offline retries for seconds)."""
+    local = Path(path)
+    if local.exists() or local.parent == Path(".") or not local.parent.is_dir():
+        return
+    entries = sorted(entry.name for entry in local.parent.iterdir() if not entry.name.startswith("."))
+    listed = entries if len(entries) <= 20 else [*entries[:20], "..."]
+    raise StudyError(
+        f"data path {path!r} was not found: folder {str(local.parent)!r} exists but has no "
+        f"{local.name!r}; it holds {listed}. Paths are relative to the folder adaptflow runs in."
+    )
+
+
+def _source_details(data_files: Any, config: str | None, split: str | None) -> str:
+    details = {"data_files": data_files, "config": config, "split": split}
+    return (
+        ", ".join(f"{key} {value!r}" for key, value in details.items() if value is not None) or "no options"
+    )
+
+
+def load_domains(data: DataSpec, names: list[str]) -> dict[str, Domain]:
+    """The study's domains, from `data.domains` (one source each) or from the domain column."""
+    if data.domains is not None:
+        unknown = [name for name in names if name not in data.domains]
+        if unknown:
+            raise StudyError(
+                f"domain(s) {unknown} are not defined under data.domains; it defines: {sorted(data.domains)}"
+            )
+        sources = data.domain_sources()
+        return {name: _load_domain(name, sources[name]) for name in names}
+    table = load_table(data.path or "", data.data_files, data.config, revision=data.revision)
+    check_columns(table, [data.input, data.label, data.domain], "the dataset")
+    # compared as text: spec domains are strings, a column may hold integers (or nulls)
+    domains = np.asarray(table.select_columns([data.domain])[:][data.domain]).astype(str)
+    present = sorted(set(domains.tolist()))
+    unknown = [name for name in names if name not in present]
+    if unknown:
+        raise StudyError(f"domain(s) {unknown} not found in column {data.domain!r}; the data has: {present}")
+    return {
+        name: Domain(table.select(np.nonzero(domains == name)[0]), data.input, data.label) for name in names
+    }
+
+
+def _load_domain(name: str, source: DomainSource) -> Domain:
+    assert source.path and source.input and source.label  # resolved by DataSpec.domain_sources
+    table = load_table(source.path, source.data_files, source.config, source.split, source.revision)
+    check_columns(table, [source.input, source.label], f"domain {name!r}")
+    return Domain(table, source.input, source.label)
+
+
+def check_columns(table: datasets.Dataset, columns: list[str], where: str) -> None:
+    """Raises StudyError naming the missing columns of `table`, the ones it has, and what to set."""
+    missing = [column for column in columns if column not in table.column_names]
+    if missing:
+        raise StudyError(
+            f"column(s) {missing} not in {where}; its columns are {table.column_names}. "
+            "Set data.input / data.label / data.domain (or input / label under data.domains) "
+            "to the right names."
+        )
