@@ -7,14 +7,16 @@ The steps are public so the `sweep` flow (flows/sweep.py) runs many studies from
 
 from __future__ import annotations
 
+import ctypes
 import gc
 import os
 import signal
 import subprocess
+import sys
 import time
 import traceback
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import closing, contextmanager
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -451,14 +453,36 @@ def shared_prefect_server(running: str | None = None) -> Iterator[None]:
 
 class _OwnGroupPopen(subprocess.Popen):  # type: ignore[type-arg]
     def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, process_group=0, **kwargs)
+        super().__init__(*args, process_group=0, preexec_fn=_stopped_with_parent(), **kwargs)
+
+
+def _stopped_with_parent() -> Callable[[], None] | None:
+    """On Linux, a child started with this as `preexec_fn` gets SIGTERM when the thread that started it
+    ends, so a server started in the main thread stops even when the study is SIGKILLed (nothing in
+    the study can clean up then). The library call is looked up here, in the parent: the child, forked
+    from a process with threads, only calls it."""
+    if not sys.platform.startswith("linux"):
+        return None
+    prctl = ctypes.CDLL(None, use_errno=True).prctl
+    parent = os.getpid()
+
+    def set_death_signal() -> None:
+        prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+        if os.getppid() != parent:  # the parent died before the call: nothing would signal
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    return set_death_signal
+
+
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 
 @contextmanager
 def _new_processes_in_own_group() -> Iterator[None]:
-    """Processes started meanwhile get a process group of their own. Prefect's temporary server is
-    started by a private method of its class with no option for this, so `subprocess.Popen` is swapped
-    for the moment of its start, in the main thread, before any task or worker runs."""
+    """Processes started meanwhile get a process group of their own, and stop with this process even
+    when it is killed (`_stopped_with_parent`). Prefect's temporary server is started by a private
+    method of its class with no option for this, so `subprocess.Popen` is swapped for the moment of its
+    start, in the main thread, before any task or worker runs."""
     if os.name != "posix":  # process groups are POSIX's
         yield
         return

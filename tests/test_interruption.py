@@ -102,14 +102,7 @@ def test_an_interruption_stops_the_worker_processes_and_the_temporary_server(
     the workers finished their tasks first, Ctrl-C stopped the server with the group, so the command
     spent minutes retrying it, and SIGHUP ended the command with the server still running."""
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    args = [*ARGS, "--workers", "2", "--tracking-uri", uri]
-    env = {key: value for key, value in os.environ.items() if key != "PREFECT_API_URL"}
-    env["PREFECT_HOME"] = str(tmp_path / "prefect")  # a server of its own, not the session's
-    command = [*WITH_DEFAULT_SIGINT, sys.executable, "-m", "adaptflow.cli", "run", str(DEMO), *args]
-    log = tmp_path / "stderr.log"
-    with log.open("wb") as stderr:
-        run = subprocess.Popen(command, cwd=ROOT, env=env, start_new_session=True, stdout=subprocess.DEVNULL,
-                               stderr=stderr)  # fmt: skip
+    run, log = _start_with_own_server([*WITH_DEFAULT_SIGINT, *_run_command(uri), "--workers", "2"], tmp_path)
     client = MlflowClient(tracking_uri=uri)
     deadline = time.time() + 300
     try:
@@ -137,8 +130,7 @@ def test_an_interruption_stops_the_worker_processes_and_the_temporary_server(
         assert time.time() < left, "a worker process outlived the study"
         time.sleep(0.2)
     port = int(re.search(r"Starting temporary server on http://127\.0\.0\.1:(\d+)", printed).group(1))
-    with socket.socket() as probe:  # the server, in a process group of its own, was stopped too
-        assert probe.connect_ex(("127.0.0.1", port)) != 0
+    assert not _port_open(port)  # the server, in a process group of its own, was stopped too
     experiment_id = client.get_experiment_by_name("interrupted").experiment_id
     (interrupted,) = client.search_runs([experiment_id], "tags.kind = 'study'")
     assert interrupted.info.status == "KILLED"
@@ -197,6 +189,51 @@ def test_sigterm_stops_a_training_running_in_the_study_process(prefect_server: N
     # the training ends Cancelled, saying where it stopped, not Failed with a traceback
     assert f"Finished in state Cancelled('ProtoNet stopped at step {stopped_at} of 100000" in printed
     assert "Traceback" not in printed and "Stopped(" not in printed
+
+
+def test_a_sigkilled_study_leaves_no_temporary_server(tmp_path: Path) -> None:
+    """SIGKILL gives the study no chance to clean up, and its temporary Prefect server is in a process
+    group of its own (so that Ctrl-C does not stop it under the flow): the server must still stop,
+    by the death signal Linux sends it when the study dies. Before, it ran on after the study."""
+    if not sys.platform.startswith("linux"):
+        pytest.skip("the parent-death signal is Linux's")
+    run, log = _start_with_own_server(_run_command(f"sqlite:///{tmp_path / 'mlflow.db'}"), tmp_path)
+    deadline = time.time() + 300
+    try:
+        while "Beginning flow run" not in log.read_text():  # the server is up and serving the flow
+            assert run.poll() is None, f"the study ended before it could be killed: {log.read_text()}"
+            assert time.time() < deadline, "the flow did not start in time"
+            time.sleep(0.1)
+        run.kill()
+        run.wait(10)
+    finally:
+        stop(run, grace=1)
+    port = int(re.search(r"Starting temporary server on http://127\.0\.0\.1:(\d+)", log.read_text()).group(1))
+    left = time.time() + 30  # the server's shutdown takes a moment
+    while _port_open(port):
+        assert time.time() < left, f"the temporary server on port {port} outlived the SIGKILLed study"
+        time.sleep(0.2)
+
+
+def _run_command(uri: str) -> list[str]:
+    return [sys.executable, "-m", "adaptflow.cli", "run", str(DEMO), *ARGS, "--tracking-uri", uri]
+
+
+def _start_with_own_server(command: list[str], tmp_path: Path) -> tuple[subprocess.Popen, Path]:
+    """The command started in a session of its own, with a temporary Prefect server of its own (not the
+    test session's); its stderr goes to the returned log file."""
+    env = {key: value for key, value in os.environ.items() if key != "PREFECT_API_URL"}
+    env["PREFECT_HOME"] = str(tmp_path / "prefect")
+    log = tmp_path / "stderr.log"
+    with log.open("wb") as stderr:
+        run = subprocess.Popen(command, cwd=ROOT, env=env, start_new_session=True, stdout=subprocess.DEVNULL,
+                               stderr=stderr)  # fmt: skip
+    return run, log
+
+
+def _port_open(port: int) -> bool:
+    with socket.socket() as probe:
+        return probe.connect_ex(("127.0.0.1", port)) == 0
 
 
 def _group_alive(pgid: int) -> bool:
