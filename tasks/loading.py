@@ -6,6 +6,7 @@ before it imports them (tasks/prepare.py then makes tensors of the same tables).
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -36,7 +37,8 @@ def load_table(
     """Rows of one dataset (or one split of it) as one table, whatever splits it was stored in."""
     _check_local_path(path)
     try:
-        loaded = datasets.load_dataset(path, config, data_files=data_files, split=split, revision=revision)
+        where, files = _normalised(path, data_files)
+        loaded = datasets.load_dataset(where, config, data_files=files, split=split, revision=revision)
     except FileNotFoundError as exc:
         raise StudyError(
             f"data path {path!r} was not found as a local folder, file or hub dataset "
@@ -61,6 +63,26 @@ def load_table(
     if isinstance(loaded, datasets.DatasetDict):
         return datasets.concatenate_datasets(list(loaded.values()))
     return loaded
+
+
+def _normalised(path: str, data_files: Any) -> tuple[str, Any]:
+    """`path` and `data_files` with local paths made absolute and normal. `datasets` fingerprints a
+    local file by the path as it was spelt, joined to the folder it runs in: `../shared/x.parquet` run
+    from two checkouts of the project gave two fingerprints, and so two keys for every cache and search
+    built on the data. Files under a local folder `path` stay relative to it; a hub id is left as is."""
+    if Path(path).exists():
+        return os.path.abspath(path), data_files
+    if "/" in path or data_files is None:  # a hub id: its data_files are paths inside the repository
+        return path, data_files
+
+    def local(files: Any) -> Any:
+        if isinstance(files, str):
+            return files if "://" in files else os.path.abspath(files)
+        if isinstance(files, dict):
+            return {split: local(entry) for split, entry in files.items()}
+        return [local(entry) for entry in files]
+
+    return path, local(data_files)  # a packaged builder (parquet, csv, ...): files are relative to here
 
 
 def _check_local_path(path: str) -> None:

@@ -182,6 +182,24 @@ def test_prepared_data_is_cached_on_the_fingerprint_and_the_settings(tmp_path: P
     assert changed.rows_per_domain == {"books": 12, "dvd": 14}
 
 
+def test_the_fingerprint_does_not_depend_on_the_folder_a_relative_path_is_read_from(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One spec naming `../books.parquet`, run from two checkouts side by side, reads the same files:
+    one fingerprint, so one cache entry and one search key (before, `datasets` fingerprinted the path
+    as joined, `/a/checkout1/../books.parquet`, and every cache missed in the other checkout)."""
+    for name in ("books", "dvd"):
+        write(tmp_path, name, reviews(name))
+    fingerprints = set()
+    for checkout in ("checkout1", "checkout2"):
+        (tmp_path / checkout).mkdir()
+        monkeypatch.chdir(tmp_path / checkout)
+        files = ["../books.parquet", "../dvd.parquet"]
+        prepared = prepare_spec(["books"], ["dvd"], path="parquet", data_files=files, input="text")
+        fingerprints.add(prepared.fingerprint)
+    assert len(fingerprints) == 1
+
+
 def test_data_needs_a_path_somewhere() -> None:
     with pytest.raises(ValueError, match="give data.path, or a path for every domain"):
         DataSpec(domains={"a": {"split": "train"}, "b": {"path": "parquet"}})
