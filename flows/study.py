@@ -44,7 +44,7 @@ from tasks.run_states import OWNER_TAG, end_stale_runs, owner
 from tasks.search import Searched
 from tasks.stopping import STOP_REQUESTED
 from tasks.tracking import StudyRun, is_transient, start_study_run, study_datasets, tracking_store
-from tasks.train import LearnerSetup, TrainedModel, train_model, train_on_pool
+from tasks.train import LearnerSetup, TrainedModel, check_pool_spec, train_model, train_on_pool
 
 # The `train` flow's deployment on the GPU pool (prefect.yaml).
 GPU_TRAINING = "train/gpu"
@@ -96,6 +96,8 @@ def check_study(spec: StudySpec, prepared: PreparedData) -> StudyPlan:
     setups = [LearnerSetup.from_spec(spec, algorithm, prepared) for algorithm in spec.algorithms]
     for setup in setups:
         setup.check()
+    if trains_on_gpu_pool(spec):
+        check_pool_spec(spec.model_dump(mode="json"))
     study_datasets(spec, prepared.fingerprint, prepared.rows_per_domain)
     return StudyPlan(spec, prepared, setups)
 

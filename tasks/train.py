@@ -14,6 +14,7 @@ from prefect.logging import get_run_logger
 from prefect.states import Cancelled
 
 from adaptflow.errors import StudyError
+from adaptflow.redact import redact_value
 from adaptflow.settings import pool_pickup_timeout
 from adaptflow.spec import Options, StudySpec, TrainSpec
 from metalib import EpisodeBatch, EpisodeSampler, TrainingHistory, algorithms, backbones, meta_train
@@ -205,6 +206,18 @@ def train_model(
     return TrainedModel(state, history, seconds, resume.step if resume is not None else 0)
 
 
+def check_pool_spec(spec: dict[str, Any]) -> None:
+    """A training on another pool gets the spec as a flow parameter, which Prefect stores as it is:
+    a spec holding a credential (a data path with a password or a signed URL) is refused, not sent."""
+    if redact_value(spec) != spec:
+        raise StudyError(
+            "the spec holds a credential (e.g. in data.path or data_files), and training on the GPU pool "
+            "would send it to Prefect as a flow parameter, stored in plain text. Leave it out of the "
+            "spec and give it to the workers' environment instead (HF_TOKEN, AWS_ACCESS_KEY_ID / "
+            "AWS_SECRET_ACCESS_KEY, ...), as docs/reliability.md describes."
+        )
+
+
 @task(name="train-on-pool", tags=["cpu"])
 def train_on_pool(
     deployment: str, spec: dict[str, Any], algorithm: int, seed: int, target: str | None = None
@@ -216,6 +229,7 @@ def train_on_pool(
     worker of the pool is up, and the study would wait forever. A run a worker took is waited for,
     however long it trains.
     """
+    check_pool_spec(spec)
     parameters = {"spec": spec, "algorithm": algorithm, "seed": seed, "target": target}
     run = run_deployment(deployment, parameters=parameters, timeout=0)
     timeout = pool_pickup_timeout()

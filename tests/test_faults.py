@@ -348,6 +348,17 @@ def test_a_training_no_worker_picks_up_is_cancelled_with_a_message(
     assert remote.state is not None and remote.state.is_cancelled()
 
 
+def test_a_spec_holding_a_credential_is_not_sent_to_the_gpu_pool(idle_pool: str) -> None:
+    """Prefect stores a deployment run's parameters in plain text: the spec is refused, and no flow
+    run (which would hold the password) is created."""
+    spec = load_spec(DEMO, TINY_TRAINING).model_dump(mode="json")
+    spec["data"]["path"] = "https://bob:hunter2@example.com/office"
+    before = len(remote_runs())
+    with pytest.raises(StudyError, match="the spec holds a credential .* plain text"):
+        train_on_pool.fn(idle_pool, spec, 0, 0)
+    assert len(remote_runs()) == before
+
+
 def test_a_training_a_worker_took_is_not_cut_off_by_the_pickup_timeout(
     idle_pool: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
