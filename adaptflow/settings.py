@@ -65,10 +65,17 @@ apply_defaults()
 
 class QuietTaskRuns(logging.Filter):
     """Drops task runs' INFO lines ("Finished in state Completed()", per-validation notes) from the
-    terminal; their warnings and errors stay, and the Prefect UI still receives every line."""
+    terminal, and the errors of tasks that never started because a task they wait on did not complete
+    ("Finished in state NotReady(...)", one per waiting evaluation after a failed or stopped training,
+    which is reported itself); other warnings and errors stay, and the Prefect UI receives every line."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return record.levelno >= logging.WARNING or not record.name.startswith("prefect.task_runs")
+        if not record.name.startswith("prefect.task_runs"):
+            return True
+        return record.levelno >= logging.WARNING and not record.getMessage().startswith(NOT_READY)
+
+
+NOT_READY = "Finished in state NotReady("
 
 
 # Set by `quiet_task_logs`, so the task-runner processes it starts quieten their consoles too.

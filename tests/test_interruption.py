@@ -189,6 +189,7 @@ def test_sigterm_stops_a_training_running_in_the_study_process(prefect_server: N
     # the training ends Cancelled, saying where it stopped, not Failed with a traceback
     assert f"Finished in state Cancelled('ProtoNet stopped at step {stopped_at} of 100000" in printed
     assert "Traceback" not in printed and "Stopped(" not in printed
+    assert "NotReady" not in printed  # the evaluations that waited on it say nothing in the terminal
 
 
 def test_a_sigkilled_study_leaves_no_temporary_server(tmp_path: Path) -> None:
