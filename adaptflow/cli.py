@@ -217,10 +217,10 @@ def _validate(spec_path: str, overrides: list[str]) -> int:
 def _load(spec_path: str, overrides: list[str]) -> StudySpec:
     """The spec with its overrides, its data paths, columns and domain names checked.
 
-    Called before torch, Prefect and MLflow are imported, so that a spec or data-file error is
-    reported in about a second rather than ten. An override holding a credential is refused by
-    `validate` and `run` alike, since `run` hands overrides to Prefect, which stores them as flow
-    parameters."""
+    Called before Prefect and MLflow are imported, each check after only what it needs, so that a
+    spec or data-file error is reported in a second or three rather than ten. An override holding a
+    credential is refused by `validate` and `run` alike, since `run` hands overrides to Prefect,
+    which stores them as flow parameters."""
     secret = [repr(redact(item)) for item in overrides if has_secret(item)]
     if secret:
         raise StudyError(
@@ -228,10 +228,13 @@ def _load(spec_path: str, overrides: list[str]) -> StudySpec:
             "flow parameter. Put the value in the spec file, or the credential in the environment "
             "(e.g. HF_TOKEN, AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, MLFLOW_TRACKING_PASSWORD)."
         )
-    spec = load_spec(spec_path, overrides)
-    from tasks.loading import load_domains  # `datasets` only
+    from tasks.loading import check_local_paths, load_domains
 
-    load_domains(spec.data, [*spec.source, *spec.target])
+    spec = load_spec(spec_path, overrides, components=False)  # all but what needs PyTorch
+    domains = [*spec.source, *spec.target]
+    check_local_paths(spec.data, domains)  # a mistyped local path, before anything heavy loads
+    spec = load_spec(spec_path, overrides)  # the algorithms' hyperparameters: PyTorch
+    load_domains(spec.data, domains)  # columns and domain names: `datasets`
     return spec
 
 

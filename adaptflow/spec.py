@@ -17,7 +17,15 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, get_args
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from adaptflow.errors import StudyError
 
@@ -288,8 +296,11 @@ class StudySpec(Strict):
         return entry
 
     @model_validator(mode="after")
-    def _known_components(self) -> StudySpec:
-        """Algorithm hyperparameters are checked at load time (their names were checked above)."""
+    def _known_components(self, info: ValidationInfo) -> StudySpec:
+        """Algorithm hyperparameters are checked at load time (their names were checked above), unless
+        the context says `components: False`: a first pass that leaves PyTorch unloaded."""
+        if not _checks_components(info):
+            return self
         from metalib import algorithms
 
         try:
@@ -328,9 +339,9 @@ class StudySpec(Strict):
         return self
 
     @model_validator(mode="after")
-    def _search_space(self) -> StudySpec:
+    def _search_space(self, info: ValidationInfo) -> StudySpec:
         """Every range names an algorithm of the study and one of its hyperparameters."""
-        if self.search is None:
+        if self.search is None or not _checks_components(info):
             return self
         from metalib import algorithms
         from metalib.search_space import parse_range
@@ -399,8 +410,16 @@ class StudySpec(Strict):
         return self.backbone or Options(name=MODALITIES[modality].backbone)
 
 
-def load_spec(source: str | Path | dict[str, Any], overrides: Iterable[str] = ()) -> StudySpec:
-    """Reads a spec from a YAML path or a dict, applies `key.path=value` overrides, validates."""
+def _checks_components(info: ValidationInfo) -> bool:
+    """False in a validation whose context asks to leave the metalib checks (PyTorch) for later."""
+    return bool((info.context or {}).get("components", True))
+
+
+def load_spec(
+    source: str | Path | dict[str, Any], overrides: Iterable[str] = (), *, components: bool = True
+) -> StudySpec:
+    """Reads a spec from a YAML path or a dict, applies `key.path=value` overrides, validates; with
+    `components=False`, all but the algorithms' hyperparameters, which need PyTorch."""
     if isinstance(source, dict):
         raw, where = source, "spec"
     else:
@@ -410,13 +429,15 @@ def load_spec(source: str | Path | dict[str, Any], overrides: Iterable[str] = ()
         _apply_override(raw, item)
     if overrides:
         where += " with " + " ".join(f"--set {item}" for item in overrides)
-    return parse_spec(raw, where, overrides)
+    return parse_spec(raw, where, overrides, components=components)
 
 
-def parse_spec(raw: dict[str, Any], where: str = "spec", overrides: Iterable[str] = ()) -> StudySpec:
+def parse_spec(
+    raw: dict[str, Any], where: str = "spec", overrides: Iterable[str] = (), *, components: bool = True
+) -> StudySpec:
     """The validated spec; a StudyError lists every problem, naming the --set that caused it if any."""
     try:
-        return StudySpec.model_validate(raw)
+        return StudySpec.model_validate(raw, context={"components": components})
     except ValidationError as exc:
         raise StudyError(f"{where} is not a valid study spec:\n" + _explain(exc, list(overrides))) from None
 

@@ -1,7 +1,8 @@
 """Reading a study's domains with Hugging Face `datasets`: paths, columns and domain names checked.
 
-Kept free of torch, Prefect and MLflow, so that the CLI checks a spec's data in about a second,
-before it imports them (tasks/prepare.py then makes tensors of the same tables).
+Kept free of torch, Prefect and MLflow, and `datasets` is imported only to load, so that the CLI
+checks local paths at once and columns and domain names before it imports the flows
+(tasks/prepare.py then makes tensors of the same tables).
 """
 
 from __future__ import annotations
@@ -9,13 +10,15 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import datasets
 import numpy as np
 
 from adaptflow.errors import StudyError
 from adaptflow.spec import DataSpec, DomainSource
+
+if TYPE_CHECKING:
+    import datasets
 
 
 @dataclass(frozen=True)
@@ -35,6 +38,8 @@ def load_table(
     revision: str | None = None,
 ) -> datasets.Dataset:
     """Rows of one dataset (or one split of it) as one table, whatever splits it was stored in."""
+    import datasets
+
     _check_local_path(path)
     try:
         where, files = _normalised(path, data_files)
@@ -63,6 +68,29 @@ def load_table(
     if isinstance(loaded, datasets.DatasetDict):
         return datasets.concatenate_datasets(list(loaded.values()))
     return loaded
+
+
+def check_local_paths(data: DataSpec, names: list[str]) -> None:
+    """The local paths of the domains `names` exist (a StudyError naming a missing one), checked
+    without loading anything. Hub ids and glob patterns are left to `load_table`."""
+    sources = data.domain_sources()
+    for source in [sources[name] for name in names if name in sources] or [data]:
+        _check_local_path(source.path or "")
+        if source.path and not Path(source.path).exists() and "/" not in source.path:  # parquet, csv, ...
+            for file in _listed(source.data_files):
+                if "://" not in file and not any(char in file for char in "*?["):
+                    _check_local_path(file)
+
+
+def _listed(files: Any) -> list[str]:
+    """The paths in a data_files value: a string, a list, or a mapping of split to either."""
+    if files is None:
+        return []
+    if isinstance(files, str):
+        return [files]
+    if isinstance(files, dict):
+        return [path for entry in files.values() for path in _listed(entry)]
+    return [str(path) for path in files]
 
 
 def _normalised(path: str, data_files: Any) -> tuple[str, Any]:

@@ -363,11 +363,12 @@ def test_studies_started_together_share_a_new_sqlite_store(tmp_path: Path) -> No
         (["run", str(DEMO), "--set", "episodes.wayz=3"], "episodes.wayz: unknown key"),
         (["validate", str(DEMO), "--set", "algorithms.0.name=mamll"], "'mamll' (did you mean 'maml'?)"),
         (["validate", str(DEMO), "--set", "backbone.name=conv5"], "unknown backbone 'conv5'"),
+        (["run", str(DEMO), "--set", "data.path=data/office_caltech10_surff"], "exists but has no"),
     ],
 )
 def test_spec_errors_come_before_the_heavy_imports(args: list[str], message: str) -> None:
-    """A missing file, bad YAML or a mistyped key is reported before PyTorch, Prefect or MLflow load
-    (docs/benchmarks.md has the time from the command line: under a second)."""
+    """A missing file, bad YAML, a mistyped key or local data path is reported before PyTorch, Prefect
+    or MLflow load (docs/benchmarks.md has the time from the command line: under a second)."""
     probe = (
         "import sys; from adaptflow.cli import main; code = main(sys.argv[1:]); "
         "print(sorted(m for m in ('torch', 'prefect', 'mlflow', 'datasets') if m in sys.modules)); "
@@ -378,22 +379,24 @@ def test_spec_errors_come_before_the_heavy_imports(args: list[str], message: str
     assert done.stdout.strip() == "[]"
 
 
+FLOWS = ["mlflow", "prefect"]
+
+
 @pytest.mark.parametrize(
-    ("override", "message", "not_loaded"),
+    ("override", "message", "loaded", "not_loaded"),
     [
         # the learner's typed hyperparameters need PyTorch, nothing else heavy
-        ("algorithms.0.inner_lrr=0.1", "no hyperparameter inner_lrr", ["datasets", "mlflow", "prefect"]),
-        # paths, columns and domain names are checked with `datasets` (tasks/loading.py), after the
-        # hyperparameters (PyTorch) and before Prefect and MLflow
-        ("data.label=nosuch", "['nosuch'] not in the dataset", ["mlflow", "prefect"]),
-        ("target=[webcam, photos]", "['photos'] not found in column 'domain'", ["mlflow", "prefect"]),
+        ("algorithms.0.inner_lrr=0.1", "no hyperparameter inner_lrr", "torch", ["datasets", *FLOWS]),
+        # columns and domain names are read with `datasets` (tasks/loading.py), still before the flows
+        ("data.label=nosuch", "['nosuch'] not in the dataset", "datasets", FLOWS),
+        ("target=[webcam, photos]", "['photos'] not found in column 'domain'", "datasets", FLOWS),
     ],
 )
 def test_errors_before_the_flows_load_leave_the_rest_unimported(
-    override: str, message: str, not_loaded: list[str]
+    override: str, message: str, loaded: str, not_loaded: list[str]
 ) -> None:
-    """Errors in a spec's values or its data files come before the flows are imported
-    (docs/benchmarks.md has the times from the command line)."""
+    """Errors in a spec's values or its data files come before the flows are imported, each after
+    only what it needs (docs/benchmarks.md has the times from the command line)."""
     probe = (
         "import sys; from adaptflow.cli import main; code = main(sys.argv[1:]); "
         "print(sorted(m for m in ('torch', 'scipy', 'prefect', 'mlflow', 'datasets') if m in sys.modules)); "
@@ -402,8 +405,8 @@ def test_errors_before_the_flows_load_leave_the_rest_unimported(
     args = ["validate", str(DEMO), "--set", override]
     done = subprocess.run([sys.executable, "-c", probe, *args], capture_output=True, text=True, cwd=ROOT)
     assert done.returncode == 2 and message in done.stderr
-    loaded = set(ast.literal_eval(done.stdout.strip()))
-    assert "torch" in loaded and not loaded & set(not_loaded), loaded
+    imported = set(ast.literal_eval(done.stdout.strip()))
+    assert loaded in imported and not imported & set(not_loaded), imported
 
 
 def test_names_read_from_the_source_are_the_registered_ones() -> None:
