@@ -63,6 +63,9 @@ def mlflow_page(ui_url: str, experiment_id: str, run_id: str | None = None, tab:
 apply_defaults()
 
 
+NOT_READY = "Finished in state NotReady("  # Prefect's line for a task whose upstream failed
+
+
 class QuietTaskRuns(logging.Filter):
     """Drops task runs' INFO lines ("Finished in state Completed()", per-validation notes) from the
     terminal, and the errors of tasks that never started because a task they wait on did not complete
@@ -73,9 +76,6 @@ class QuietTaskRuns(logging.Filter):
         if not record.name.startswith("prefect.task_runs"):
             return True
         return record.levelno >= logging.WARNING and not record.getMessage().startswith(NOT_READY)
-
-
-NOT_READY = "Finished in state NotReady("
 
 
 # Set by `quiet_task_logs`, so the task-runner processes it starts quieten their consoles too.

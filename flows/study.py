@@ -458,6 +458,9 @@ class _OwnGroupPopen(subprocess.Popen):  # type: ignore[type-arg]
         super().__init__(*args, process_group=0, preexec_fn=_stopped_with_parent(), **kwargs)
 
 
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
 def _stopped_with_parent() -> Callable[[], None] | None:
     """On Linux, a child started with this as `preexec_fn` gets SIGTERM when the thread that started it
     ends, so a server started in the main thread stops even when the study is SIGKILLed (nothing in
@@ -474,9 +477,6 @@ def _stopped_with_parent() -> Callable[[], None] | None:
             os.kill(os.getpid(), signal.SIGTERM)
 
     return set_death_signal
-
-
-PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 
 @contextmanager

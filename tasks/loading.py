@@ -8,6 +8,7 @@ checks local paths at once and columns and domain names before it imports the fl
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -76,21 +77,8 @@ def check_local_paths(data: DataSpec, names: list[str]) -> None:
     sources = data.domain_sources()
     for source in [sources[name] for name in names if name in sources] or [data]:
         _check_local_path(source.path or "")
-        if source.path and not Path(source.path).exists() and "/" not in source.path:  # parquet, csv, ...
-            for file in _listed(source.data_files):
-                if "://" not in file and not any(char in file for char in "*?["):
-                    _check_local_path(file)
-
-
-def _listed(files: Any) -> list[str]:
-    """The paths in a data_files value: a string, a list, or a mapping of split to either."""
-    if files is None:
-        return []
-    if isinstance(files, str):
-        return [files]
-    if isinstance(files, dict):
-        return [path for entry in files.values() for path in _listed(entry)]
-    return [str(path) for path in files]
+        if source.path and _files_are_local(source.path):
+            _map_files(source.data_files, _check_local_file)
 
 
 def _normalised(path: str, data_files: Any) -> tuple[str, Any]:
@@ -100,17 +88,33 @@ def _normalised(path: str, data_files: Any) -> tuple[str, Any]:
     built on the data. Files under a local folder `path` stay relative to it; a hub id is left as is."""
     if Path(path).exists():
         return os.path.abspath(path), data_files
-    if "/" in path or data_files is None:  # a hub id: its data_files are paths inside the repository
+    if not _files_are_local(path):  # a hub id: its data_files are paths inside the repository
         return path, data_files
+    return path, _map_files(data_files, lambda file: file if "://" in file else os.path.abspath(file))
 
-    def local(files: Any) -> Any:
-        if isinstance(files, str):
-            return files if "://" in files else os.path.abspath(files)
-        if isinstance(files, dict):
-            return {split: local(entry) for split, entry in files.items()}
-        return [local(entry) for entry in files]
 
-    return path, local(data_files)  # a packaged builder (parquet, csv, ...): files are relative to here
+def _files_are_local(path: str) -> bool:
+    """Whether `path` names a packaged builder (parquet, csv, ...), whose data_files are paths relative
+    to the folder adaptflow runs in, rather than a local folder or a hub id."""
+    return not Path(path).exists() and "/" not in path
+
+
+def _map_files(files: Any, change: Callable[[str], str]) -> Any:
+    """`change` applied to each path of a data_files value: a string, a list, or a mapping of split to
+    either."""
+    if files is None:
+        return None
+    if isinstance(files, str):
+        return change(files)
+    if isinstance(files, dict):
+        return {split: _map_files(entry, change) for split, entry in files.items()}
+    return [_map_files(str(entry), change) for entry in files]
+
+
+def _check_local_file(file: str) -> str:
+    if "://" not in file and not any(char in file for char in "*?["):  # not a URL or a glob pattern
+        _check_local_path(file)
+    return file
 
 
 def _check_local_path(path: str) -> None:
