@@ -17,7 +17,7 @@ import time
 import traceback
 import warnings
 from collections.abc import Callable, Iterator
-from contextlib import closing, contextmanager
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -231,7 +231,7 @@ def log_study(plan: StudyPlan, run: StudyRun, pending: list[PendingEvaluation], 
     logged = []
     trainings = {id(item.trained): item.trained for item in pending}.values()
     progress = StudyProgress(plan.spec.name, trainings, [item.evaluation for item in pending])
-    with closing(progress):
+    with progress:
         for item in pending:
             progress.publish()  # the counts so far, before waiting on this item
             trained_for = item.target if item.setup.uses_unlabelled_target else None
@@ -336,26 +336,44 @@ def release_interrupted_frames(interruption: BaseException) -> None:
     gc.collect()
 
 
+def interruption_behind(error: BaseException) -> BaseException | None:
+    """The interruption (KeyboardInterrupt, Prefect's TerminationSignal) `error` is, or was raised
+    while handling: a clean-up that fails on the way out of an interrupted block (an HTTP client or a
+    database session the interruption left half-way) replaces the interruption with its own error."""
+    seen: set[int] = set()
+    while error is not None and id(error) not in seen:
+        if not isinstance(error, Exception):
+            return error
+        seen.add(id(error))
+        error = error.__cause__ or error.__context__
+    return None
+
+
 @contextmanager
 def ended_if_stopped(run: StudyRun) -> Iterator[None]:
     """Ends the MLflow parent run (unless it has ended) FAILED if the block raises, KILLED if it is
-    interrupted (Ctrl-C, SIGTERM, SIGHUP). A SIGKILLed study's run is ended KILLED by the next study. An
-    interruption also asks the tasks running in threads of this process to stop (tasks/stopping.py):
-    Prefect's engine waits for them before it lets the interruption end the process."""
+    interrupted (Ctrl-C, SIGTERM, SIGHUP), also when a clean-up's error replaced the interruption: the
+    interruption is raised again, so that the user sees it, not a traceback. A SIGKILLed study's run is
+    ended KILLED by the next study. An interruption also asks the tasks running in threads of this
+    process to stop (tasks/stopping.py): Prefect's engine waits for them before it lets the
+    interruption end the process."""
     STOP_REQUESTED.clear()
     try:
         yield
-    except Exception:
-        end(run, "FAILED")
-        raise
-    except BaseException as interruption:
+    except BaseException as error:
+        interruption = interruption_behind(error)
+        if interruption is None:
+            end(run, "FAILED")
+            raise
         STOP_REQUESTED.set()
         release_interrupted_frames(interruption)
         try:
             end(run, "KILLED")
         except Exception as exc:  # the interruption is what the user must see; the next study ends it
             warnings.warn(f"MLflow run {run.run_id} could not be ended KILLED: {exc}", stacklevel=1)
-        raise
+        if interruption is error:
+            raise
+        raise interruption  # noqa: B904 (its context is the clean-up's error)
 
 
 @contextmanager

@@ -66,6 +66,12 @@ class StudyProgress:
             done, counts = sum(self.done.values()), self.counts()
         self.artifact.update(done, f"{self.name}: {counts}")
 
-    def close(self) -> None:
-        self.publish()
+    def __enter__(self) -> StudyProgress:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, *_: object) -> None:
+        """Publishes the final counts only when the study's block completed: after an interruption,
+        the Prefect client may be left half-way through a request."""
+        if exc_type is None:
+            self.publish()
         self.bar.close()

@@ -49,8 +49,10 @@ def test_interrupted_run_keeps_finished_work_and_rerun_resumes(prefect_server: N
     # the session's Prefect server (starting a temporary one of its own would add a server start-up),
     # and the same result storage (PREFECT_HOME) as this test session
     env = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value()}
-    run = subprocess.Popen(command, cwd=ROOT, env=env, start_new_session=True, stdout=subprocess.DEVNULL,
-                           stderr=subprocess.DEVNULL)  # fmt: skip
+    log = tmp_path / "stderr.log"
+    with log.open("wb") as stderr:
+        run = subprocess.Popen(command, cwd=ROOT, env=env, start_new_session=True, stdout=subprocess.DEVNULL,
+                               stderr=stderr)  # fmt: skip
     client = MlflowClient(tracking_uri=uri)
     deadline = time.time() + 300
     try:
@@ -64,7 +66,7 @@ def test_interrupted_run_keeps_finished_work_and_rerun_resumes(prefect_server: N
     assert 1 <= len(finished) < EVALUATIONS  # kept what it finished, and did not finish everything
     experiment_id = client.get_experiment_by_name("interrupted").experiment_id
     (interrupted,) = client.search_runs([experiment_id], "tags.kind = 'study'")
-    assert interrupted.info.status == "KILLED"
+    assert interrupted.info.status == "KILLED", log.read_text()
 
     assert main(["run", str(DEMO), *ARGS, "--tracking-uri", uri]) == 0
     latest = [
@@ -122,7 +124,7 @@ def test_an_interruption_stops_the_worker_processes_and_the_temporary_server(
     finally:
         stop(run, grace=10)
     printed = log.read_text()
-    assert run.returncode == 130 and "adaptflow: interrupted" in printed
+    assert run.returncode == 130 and "adaptflow: interrupted" in printed, printed
     assert took < 30, f"the study took {took:.0f} s to stop"
     assert "Connection refused" not in printed  # the server answered the flow's last requests
     left = time.time() + 15  # the group's last members may take a moment to be reaped
@@ -133,7 +135,7 @@ def test_an_interruption_stops_the_worker_processes_and_the_temporary_server(
     assert not _port_open(port)  # the server, in a process group of its own, was stopped too
     experiment_id = client.get_experiment_by_name("interrupted").experiment_id
     (interrupted,) = client.search_runs([experiment_id], "tags.kind = 'study'")
-    assert interrupted.info.status == "KILLED"
+    assert interrupted.info.status == "KILLED", printed
 
 
 def test_sigterm_stops_a_training_running_in_the_study_process(prefect_server: None, tmp_path: Path) -> None:

@@ -17,7 +17,7 @@ from prefect.states import State
 
 from adaptflow.cli import main
 from adaptflow.spec import load_spec
-from flows.study import plan_study, training_inputs
+from flows.study import ended_if_stopped, plan_study, training_inputs
 from metalib.seeding import derive_seed
 from tasks.compare import load_runs
 from tasks.evaluate import evaluate_model
@@ -183,3 +183,37 @@ def test_runs_of_a_dead_process_end_killed_and_live_ones_are_left_alone(tmp_path
     status = {run: client.get_run(run).info.status for run in (stale, child, live, elsewhere)}
     assert status == {stale: "KILLED", child: "KILLED", live: "RUNNING", elsewhere: "RUNNING"}
     assert os.getpid() == int(owner().rsplit(":", 1)[1])
+
+
+class FailingCleanUp:
+    """A clean-up that fails on the way out, as an HTTP client or a database session an interruption
+    left half-way through a request does."""
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *_: object) -> None:
+        raise ConnectionError("the connection was left half-way")
+
+
+@pytest.mark.parametrize(
+    ("raised", "status", "seen"),
+    [(KeyboardInterrupt, "KILLED", KeyboardInterrupt), (ValueError, "FAILED", ConnectionError)],
+)
+def test_an_interruption_a_clean_up_error_replaced_still_ends_the_run_killed(
+    raised: type[BaseException], status: str, seen: type[BaseException], tmp_path: Path
+) -> None:
+    """Ctrl-C or SIGTERM can land inside a request, whose clean-up then raises its own error on the
+    way out: the study's run must still end KILLED and the user see the interruption (the CLI's
+    "interrupted" and exit code 130), not FAILED and a traceback. An error that is no interruption
+    still ends the run FAILED with the error that surfaced."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(tracking_uri=uri)
+    experiment = client.create_experiment("interrupted", artifact_location=(tmp_path / "mlruns").as_uri())
+    run = StudyRun(uri, experiment, client.create_run(experiment).info.run_id)
+    try:
+        with pytest.raises(seen), ended_if_stopped(run), FailingCleanUp():
+            raise raised
+    finally:
+        STOP_REQUESTED.clear()
+    assert client.get_run(run.run_id).info.status == status
