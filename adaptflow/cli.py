@@ -228,13 +228,14 @@ def _load(spec_path: str, overrides: list[str]) -> StudySpec:
             "flow parameter. Put the value in the spec file, or the credential in the environment "
             "(e.g. HF_TOKEN, AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, MLFLOW_TRACKING_PASSWORD)."
         )
-    from tasks.loading import check_local_paths, load_domains
+    from tasks.loading import check_local_paths, check_parquet_columns, load_domains
 
     spec = load_spec(spec_path, overrides, components=False)  # all but what needs PyTorch
     domains = [*spec.source, *spec.target]
     check_local_paths(spec.data, domains)  # a mistyped local path, before anything heavy loads
+    check_parquet_columns(spec.data, domains)  # columns and domain names of local Parquet: pyarrow
     spec = load_spec(spec_path, overrides)  # the algorithms' hyperparameters: PyTorch
-    load_domains(spec.data, domains)  # columns and domain names: `datasets`
+    load_domains(spec.data, domains)  # columns and domain names of any source: `datasets`
     return spec
 
 

@@ -141,39 +141,110 @@ def _source_details(data_files: Any, config: str | None, split: str | None) -> s
 def load_domains(data: DataSpec, names: list[str]) -> dict[str, Domain]:
     """The study's domains, from `data.domains` (one source each) or from the domain column."""
     if data.domains is not None:
-        unknown = [name for name in names if name not in data.domains]
-        if unknown:
-            raise StudyError(
-                f"domain(s) {unknown} are not defined under data.domains; it defines: {sorted(data.domains)}"
-            )
+        _check_defined(data, names)
         sources = data.domain_sources()
         return {name: _load_domain(name, sources[name]) for name in names}
     table = load_table(data.path or "", data.data_files, data.config, revision=data.revision)
-    check_columns(table, [data.input, data.label, data.domain], "the dataset")
+    check_columns(table.column_names, [data.input, data.label, data.domain], "the dataset")
     # compared as text: spec domains are strings, a column may hold integers (or nulls)
     domains = np.asarray(table.select_columns([data.domain])[:][data.domain]).astype(str)
-    present = sorted(set(domains.tolist()))
-    unknown = [name for name in names if name not in present]
-    if unknown:
-        raise StudyError(f"domain(s) {unknown} not found in column {data.domain!r}; the data has: {present}")
+    _check_present(names, set(domains.tolist()), data.domain)
     return {
         name: Domain(table.select(np.nonzero(domains == name)[0]), data.input, data.label) for name in names
     }
 
 
+def check_parquet_columns(data: DataSpec, names: list[str]) -> None:
+    """What `load_domains` checks (columns, domain names), for data in local Parquet files, read from
+    the files' schemas and the domain column with pyarrow alone: a fraction of a second, where
+    `datasets` and PyTorch take seconds to import. Other sources (hub ids, patterns, other formats)
+    are left to `load_domains`, and so is a file pyarrow cannot read (empty, damaged)."""
+    import pyarrow as pa
+
+    try:
+        _check_parquet_columns(data, names)
+    except (pa.ArrowException, OSError):
+        return
+
+
+def _check_parquet_columns(data: DataSpec, names: list[str]) -> None:
+    # ParquetFile, not read_table: that imports pyarrow.dataset, which takes longer than the reading
+    from pyarrow.parquet import ParquetFile
+
+    if data.domains is not None:
+        _check_defined(data, names)
+        sources = data.domain_sources()
+        for name in names:
+            source = sources[name]
+            assert source.input and source.label  # resolved by DataSpec.domain_sources
+            for file in _parquet_files(source.path, source.data_files, source.config, source.split):
+                have = ParquetFile(file).schema_arrow.names
+                check_columns(have, [source.input, source.label], f"domain {name!r}")
+        return
+    files = [ParquetFile(file) for file in _parquet_files(data.path, data.data_files, data.config)]
+    for file in files:
+        check_columns(file.schema_arrow.names, [data.input, data.label, data.domain], "the dataset")
+    if files:
+        columns = [file.read(columns=[data.domain]).column(0).to_pylist() for file in files]
+        _check_present(names, {str(value) for values in columns for value in values}, data.domain)
+
+
+def _parquet_files(
+    path: str | None, data_files: Any, config: str | None, split: str | None = None
+) -> list[Path]:
+    """The local Parquet files `datasets` reads for these settings (a folder's files, but for hidden
+    ones and its .md notes), or none where only `datasets` can tell (a hub id, a file given as the path,
+    a config or split, a glob pattern, a URL, another format)."""
+    if not path or config is not None or split is not None:
+        return []
+    root = Path(path)
+    if data_files is not None and (root.is_dir() or _files_are_local(path)):
+        listed: list[str] = []
+        _map_files(data_files, lambda file: listed.append(file) or file)
+        files = [root / file if root.is_dir() else Path(file) for file in listed]
+    elif data_files is None and root.is_dir():
+        files = [
+            file
+            for file in sorted(root.rglob("*"))
+            if file.is_file()
+            and file.suffix != ".md"
+            and not any(part.startswith((".", "_")) for part in file.relative_to(root).parts)
+        ]
+    else:
+        return []
+    return files if files and all(file.suffix == ".parquet" and file.is_file() for file in files) else []
+
+
+def _check_defined(data: DataSpec, names: list[str]) -> None:
+    assert data.domains is not None
+    unknown = [name for name in names if name not in data.domains]
+    if unknown:
+        raise StudyError(
+            f"domain(s) {unknown} are not defined under data.domains; it defines: {sorted(data.domains)}"
+        )
+
+
+def _check_present(names: list[str], present: set[str], column: str) -> None:
+    unknown = [name for name in names if name not in present]
+    if unknown:
+        listed = sorted(present)
+        raise StudyError(f"domain(s) {unknown} not found in column {column!r}; the data has: {listed}")
+
+
 def _load_domain(name: str, source: DomainSource) -> Domain:
     assert source.path and source.input and source.label  # resolved by DataSpec.domain_sources
     table = load_table(source.path, source.data_files, source.config, source.split, source.revision)
-    check_columns(table, [source.input, source.label], f"domain {name!r}")
+    check_columns(table.column_names, [source.input, source.label], f"domain {name!r}")
     return Domain(table, source.input, source.label)
 
 
-def check_columns(table: datasets.Dataset, columns: list[str], where: str) -> None:
-    """Raises StudyError naming the missing columns of `table`, the ones it has, and what to set."""
-    missing = [column for column in columns if column not in table.column_names]
+def check_columns(have: list[str], columns: list[str], where: str) -> None:
+    """Raises StudyError naming the `columns` missing from the columns `where` has (`have`), those
+    columns, and what to set."""
+    missing = [column for column in columns if column not in have]
     if missing:
         raise StudyError(
-            f"column(s) {missing} not in {where}; its columns are {table.column_names}. "
+            f"column(s) {missing} not in {where}; its columns are {have}. "
             "Set data.input / data.label / data.domain (or input / label under data.domains) "
             "to the right names."
         )

@@ -247,7 +247,7 @@ def _fixed_episodes(
     """(episode number, is-support) per row of a target domain with fixed episodes; None without."""
     if fixed is None:
         return None
-    check_columns(domain.table, [fixed.episode, fixed.role], f"target domain {name!r}")
+    check_columns(domain.table.column_names, [fixed.episode, fixed.role], f"target domain {name!r}")
     return fixed_episodes.read(name, domain.table, fixed)
 
 

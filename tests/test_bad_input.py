@@ -10,8 +10,10 @@ import subprocess
 import sys
 import threading
 import warnings
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -19,8 +21,10 @@ import yaml
 from mlflow.tracking import MlflowClient
 
 from adaptflow.cli import main
+from adaptflow.errors import StudyError
 from adaptflow.redact import redact
 from adaptflow.spec import DataSpec, load_spec, registered_names
+from tasks.loading import check_parquet_columns, load_domains
 from tasks.prepare import PreparedData, _read_cache, _write_cache, prepare
 from tasks.tracking import start_study_run, study_datasets
 from tests.conftest import DEMO, OFFICE, ROOT, TINY_TRAINING, cli_overrides
@@ -364,11 +368,15 @@ def test_studies_started_together_share_a_new_sqlite_store(tmp_path: Path) -> No
         (["validate", str(DEMO), "--set", "algorithms.0.name=mamll"], "'mamll' (did you mean 'maml'?)"),
         (["validate", str(DEMO), "--set", "backbone.name=conv5"], "unknown backbone 'conv5'"),
         (["run", str(DEMO), "--set", "data.path=data/office_caltech10_surff"], "exists but has no"),
+        # local Parquet: read with pyarrow alone (tasks/loading.py:check_parquet_columns)
+        (["validate", str(DEMO), "--set", "data.label=nosuch"], "['nosuch'] not in the dataset"),
+        (["run", str(DEMO), "--set", "target=[webcam, photos]"], "['photos'] not found in column 'domain'"),
     ],
 )
 def test_spec_errors_come_before_the_heavy_imports(args: list[str], message: str) -> None:
-    """A missing file, bad YAML, a mistyped key or local data path is reported before PyTorch, Prefect
-    or MLflow load (docs/benchmarks.md has the time from the command line: under a second)."""
+    """A missing file, bad YAML, a mistyped key, local data path, column or domain name (of local
+    Parquet data) is reported before PyTorch, Prefect, MLflow or `datasets` load (docs/benchmarks.md has
+    the time from the command line: under a second)."""
     probe = (
         "import sys; from adaptflow.cli import main; code = main(sys.argv[1:]); "
         "print(sorted(m for m in ('torch', 'prefect', 'mlflow', 'datasets') if m in sys.modules)); "
@@ -387,7 +395,8 @@ FLOWS = ["mlflow", "prefect"]
     [
         # the learner's typed hyperparameters need PyTorch, nothing else heavy
         ("algorithms.0.inner_lrr=0.1", "no hyperparameter inner_lrr", "torch", ["datasets", *FLOWS]),
-        # columns and domain names are read with `datasets` (tasks/loading.py), still before the flows
+        # columns and domain names of data only `datasets` can read (here a glob pattern): read with
+        # it (tasks/loading.py), still before the flows
         ("data.label=nosuch", "['nosuch'] not in the dataset", "datasets", FLOWS),
         ("target=[webcam, photos]", "['photos'] not found in column 'domain'", "datasets", FLOWS),
     ],
@@ -402,11 +411,54 @@ def test_errors_before_the_flows_load_leave_the_rest_unimported(
         "print(sorted(m for m in ('torch', 'scipy', 'prefect', 'mlflow', 'datasets') if m in sys.modules)); "
         "sys.exit(code)"
     )
-    args = ["validate", str(DEMO), "--set", override]
+    pattern = ["--set", "data.path=parquet", "--set", f"data.data_files={OFFICE}/*.parquet"]
+    args = ["validate", str(DEMO), *(pattern if loaded == "datasets" else []), "--set", override]
     done = subprocess.run([sys.executable, "-c", probe, *args], capture_output=True, text=True, cwd=ROOT)
     assert done.returncode == 2 and message in done.stderr
     imported = set(ast.literal_eval(done.stdout.strip()))
     assert loaded in imported and not imported & set(not_loaded), imported
+
+
+def _error(check: Callable[[], object]) -> str | None:
+    try:
+        check()
+    except StudyError as exc:
+        return str(exc)
+    return None
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        {"path": str(OFFICE)},  # a folder of Parquet files
+        {"path": str(OFFICE), "data_files": ["webcam.parquet", "dslr.parquet"]},  # files in it
+        {"path": "parquet", "data_files": [f"{OFFICE}/webcam.parquet", f"{OFFICE}/dslr.parquet"]},
+        {"path": str(OFFICE), "domains": {"webcam": {"data_files": "webcam.parquet"}, "dslr": {}}},
+    ],
+)
+@pytest.mark.parametrize("change", [{}, {"label": "nosuch"}, {"input": "pixels", "domain": "class_name"}])
+@pytest.mark.parametrize("names", [["webcam", "dslr"], ["dslr", "photos"]])
+def test_the_quick_parquet_check_says_what_loading_says(
+    data: dict[str, Any], change: dict[str, str], names: list[str]
+) -> None:
+    """The CLI's pyarrow-only check of local Parquet data raises the error `datasets` loading raises,
+    word for word, or none where loading raises none."""
+    spec = DataSpec(**data, **change)
+    assert _error(lambda: check_parquet_columns(spec, names)) == _error(lambda: load_domains(spec, names))
+
+
+def test_a_damaged_parquet_file_is_named_by_the_loading_check(tmp_path: Path) -> None:
+    """A file pyarrow cannot read is left by the quick check to `datasets`, whose error says what to
+    look at, instead of ending in pyarrow's traceback."""
+    for file in OFFICE.glob("*.parquet"):
+        (tmp_path / file.name).write_bytes(file.read_bytes())
+    (tmp_path / "dslr.parquet").write_bytes(b"")
+    done = subprocess.run(
+        [sys.executable, "-m", "adaptflow.cli", "validate", str(DEMO), "--set", f"data.path={tmp_path}"],
+        capture_output=True, text=True, cwd=ROOT,
+    )  # fmt: skip
+    assert done.returncode == 2 and "Is a file empty or damaged?" in done.stderr, done.stderr
+    assert "Traceback" not in done.stderr
 
 
 def test_names_read_from_the_source_are_the_registered_ones() -> None:
@@ -447,8 +499,6 @@ def test_a_worker_without_the_project_folder_fails_at_its_pull_step(
     """The deployments' pull step, templated by Prefect as on a worker's host, stops a run that would
     start outside an adaptflow checkout, and names the variable; with it set, the run enters ROOT."""
     from prefect.utilities.templating import apply_values
-
-    from adaptflow.errors import StudyError
 
     (step,) = yaml.safe_load((ROOT / "prefect.yaml").read_text())["pull"]
     ((name, inputs),) = step.items()
