@@ -258,6 +258,7 @@ def _run(
     from flows.evaluate import evaluate_saved_model
     from flows.study import shared_prefect_server, study, task_runner, validate_study
     from tasks.report import format_table
+    from tasks.stopping import interruption_behind
     from tasks.summary import interval_caption
     from tasks.tracking import check_reachable
 
@@ -274,13 +275,18 @@ def _run(
     running = None if get_current_settings().api.url else _ui_prefect_api()
     if running is not None:
         print(f"adaptflow: using the Prefect server of `adaptflow ui`, {running}", file=sys.stderr)
-    with _sigterm_interrupts(), shared_prefect_server(running):
-        if model_uri is None:
-            rows = study.with_options(task_runner=task_runner(workers, address))(
-                spec=str(Path(spec_path)), overrides=overrides, tracking_uri=flow_uri
-            )
-        else:
-            rows = evaluate_saved_model(model_uri, str(Path(spec_path)), overrides, flow_uri)
+    try:
+        with _sigterm_interrupts(), shared_prefect_server(running):
+            if model_uri is None:
+                rows = study.with_options(task_runner=task_runner(workers, address))(
+                    spec=str(Path(spec_path)), overrides=overrides, tracking_uri=flow_uri
+                )
+            else:
+                rows = evaluate_saved_model(model_uri, str(Path(spec_path)), overrides, flow_uri)
+    except Exception as exc:  # Prefect's own clean-up after an interruption can fail in its place
+        if interruption_behind(exc) is None:
+            raise
+        raise KeyboardInterrupt from exc
     import pandas as pd
 
     print(f"\n{spec.name}: {spec.protocol()}")

@@ -42,7 +42,7 @@ from tasks.progress import StudyProgress
 from tasks.report import Result, log_evaluation, report_study
 from tasks.run_states import OWNER_TAG, end_stale_runs, owner
 from tasks.search import Searched
-from tasks.stopping import STOP_REQUESTED
+from tasks.stopping import STOP_REQUESTED, exception_chain, interruption_behind
 from tasks.tracking import StudyRun, is_transient, start_study_run, study_datasets, tracking_store
 from tasks.train import LearnerSetup, TrainedModel, check_pool_spec, train_model, train_on_pool
 
@@ -320,40 +320,24 @@ def end(run: StudyRun, status: str, attempts: int = 6) -> None:
             time.sleep(0.5 * 2**attempt)
 
 
-def release_interrupted_frames(interruption: BaseException) -> None:
+def release_interrupted_frames(error: BaseException) -> None:
     """Drops the local variables of the frames an interruption passed through (and of those of the
-    exceptions it chained to). Python raises a signal's exception between any two bytecodes, also
+    exceptions chained to it). Python raises a signal's exception between any two bytecodes, also
     inside SQLAlchemy's cleanup of an MLflow session, and that session's sqlite connection, then
     referenced only from those frames (most likely), keeps the store locked until the process exits:
     the study's own write that ends its run KILLED failed with "database is locked"
     (tests/test_interruption.py, docs/reliability.md)."""
-    seen: set[int] = set()
-    error: BaseException | None = interruption
-    while error is not None and id(error) not in seen:
-        seen.add(id(error))
-        traceback.clear_frames(error.__traceback__)  # skips the frames still running (this one's callers)
-        error = error.__context__ or error.__cause__
+    for link in exception_chain(error):
+        traceback.clear_frames(link.__traceback__)  # skips the frames still running (this one's callers)
     gc.collect()
-
-
-def interruption_behind(error: BaseException) -> BaseException | None:
-    """The interruption (KeyboardInterrupt, Prefect's TerminationSignal) `error` is, or was raised
-    while handling: a clean-up that fails on the way out of an interrupted block (an HTTP client or a
-    database session the interruption left half-way) replaces the interruption with its own error."""
-    seen: set[int] = set()
-    while error is not None and id(error) not in seen:
-        if not isinstance(error, Exception):
-            return error
-        seen.add(id(error))
-        error = error.__cause__ or error.__context__
-    return None
 
 
 @contextmanager
 def ended_if_stopped(run: StudyRun) -> Iterator[None]:
     """Ends the MLflow parent run (unless it has ended) FAILED if the block raises, KILLED if it is
-    interrupted (Ctrl-C, SIGTERM, SIGHUP), also when a clean-up's error replaced the interruption: the
-    interruption is raised again, so that the user sees it, not a traceback. A SIGKILLed study's run is
+    interrupted (Ctrl-C, SIGTERM, SIGHUP), also when a clean-up's error replaced the interruption
+    (`interruption_behind`): the interruption is raised again, so that the user sees it, not a
+    traceback. A SIGKILLed study's run is
     ended KILLED by the next study. An interruption also asks the tasks running in threads of this
     process to stop (tasks/stopping.py): Prefect's engine waits for them before it lets the
     interruption end the process."""
@@ -361,12 +345,12 @@ def ended_if_stopped(run: StudyRun) -> Iterator[None]:
     try:
         yield
     except BaseException as error:
-        interruption = interruption_behind(error)
+        interruption = error if not isinstance(error, Exception) else interruption_behind(error)
         if interruption is None:
             end(run, "FAILED")
             raise
         STOP_REQUESTED.set()
-        release_interrupted_frames(interruption)
+        release_interrupted_frames(error)
         try:
             end(run, "KILLED")
         except Exception as exc:  # the interruption is what the user must see; the next study ends it

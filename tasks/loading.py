@@ -8,6 +8,7 @@ checks local paths at once and columns and domain names before it imports the fl
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +21,11 @@ from adaptflow.spec import DataSpec, DomainSource
 
 if TYPE_CHECKING:
     import datasets
+    import pyarrow as pa
+
+
+# words `datasets` reads as split names in a folder's file names: it then reads only the files they name
+SPLIT_WORDS = set("train training validation valid dev val test testing eval evaluation".split())
 
 
 @dataclass(frozen=True)
@@ -184,7 +190,7 @@ def _check_parquet_columns(data: DataSpec, names: list[str]) -> None:
     files = [ParquetFile(file) for file in _parquet_files(data.path, data.data_files, data.config)]
     for file in files:
         check_columns(file.schema_arrow.names, [data.input, data.label, data.domain], "the dataset")
-    if files:
+    if files and all(_reads_as_text(file.schema_arrow.field(data.domain).type) for file in files):
         columns = [file.read(columns=[data.domain]).column(0).to_pylist() for file in files]
         _check_present(names, {str(value) for values in columns for value in values}, data.domain)
 
@@ -203,16 +209,36 @@ def _parquet_files(
         _map_files(data_files, lambda file: listed.append(file) or file)
         files = [root / file if root.is_dir() else Path(file) for file in listed]
     elif data_files is None and root.is_dir():
-        files = [
-            file
+        if any((root / name).exists() for name in ("README.md", ".huggingface.yaml")):
+            return []  # it may list the dataset's files itself (a `configs:` section)
+        relative = [
+            file.relative_to(root)
             for file in sorted(root.rglob("*"))
-            if file.is_file()
-            and file.suffix != ".md"
-            and not any(part.startswith((".", "_")) for part in file.relative_to(root).parts)
+            if file.is_file() and file.suffix != ".md"
         ]
+        relative = [file for file in relative if not any(part.startswith(".") for part in file.parts)]
+        if any(_may_be_left_out(file) for file in relative):
+            return []
+        files = [root / file for file in relative]
     else:
         return []
     return files if files and all(file.suffix == ".parquet" and file.is_file() for file in files) else []
+
+
+def _may_be_left_out(file: Path) -> bool:
+    """Whether `datasets` may leave `file` (relative to its folder) out, or read only some files beside
+    it: a name with a split word, or a part starting with an underscore."""
+    words = set(re.split(r"[-._ 0-9/]+", file.with_suffix("").as_posix().lower()))
+    return bool(words & SPLIT_WORDS) or any(part.startswith("_") for part in file.parts)
+
+
+def _reads_as_text(kind: pa.DataType) -> bool:
+    """Whether `str()` of a value of this column type is what `load_domains` compares (numpy's text of
+    it): not for bytes, for one."""
+    import pyarrow as pa
+
+    checks = (pa.types.is_string, pa.types.is_large_string, pa.types.is_integer, pa.types.is_boolean)
+    return any(check(kind) for check in checks)
 
 
 def _check_defined(data: DataSpec, names: list[str]) -> None:

@@ -15,6 +15,8 @@ from prefect.artifacts import create_progress_artifact, update_progress_artifact
 from prefect.futures import PrefectFuture
 from tqdm.auto import tqdm
 
+from tasks.stopping import interruption_behind
+
 
 class ProgressArtifact:
     """A progress artifact on the current flow or task run: `done` of `total`, with a description."""
@@ -69,9 +71,9 @@ class StudyProgress:
     def __enter__(self) -> StudyProgress:
         return self
 
-    def __exit__(self, exc_type: type[BaseException] | None, *_: object) -> None:
-        """Publishes the final counts only when the study's block completed: after an interruption,
-        the Prefect client may be left half-way through a request."""
-        if exc_type is None:
+    def __exit__(self, exc_type: type[BaseException] | None, error: BaseException | None, _: object) -> None:
+        """Publishes the final counts unless the study was interrupted: the interruption may have left
+        the Prefect client half-way through a request."""
+        if error is None or interruption_behind(error) is None and isinstance(error, Exception):
             self.publish()
         self.bar.close()

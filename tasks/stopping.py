@@ -9,7 +9,9 @@ are terminated instead (flows/study.py:StudyProcessPool).
 """
 
 import threading
+from collections.abc import Iterator
 
+from prefect.exceptions import TerminationSignal
 from prefect.states import Cancelled, State
 from prefect.transactions import get_transaction
 
@@ -31,3 +33,28 @@ def cancelled(stopped: Stopped) -> State:
     if transaction is not None:
         transaction.write_on_commit = False
     return Cancelled(message=str(stopped))
+
+
+def exception_chain(error: BaseException) -> Iterator[BaseException]:
+    """`error` and every exception it was raised from or while handling (causes and contexts), once
+    each: `raise interruption` from inside a handler can make the chain a cycle."""
+    seen: set[int] = set()
+    pending: list[BaseException | None] = [error]
+    while pending:
+        link = pending.pop()
+        if link is not None and id(link) not in seen:
+            seen.add(id(link))
+            yield link
+            pending += [link.__context__, link.__cause__]
+
+
+def interruption_behind(error: BaseException) -> BaseException | None:
+    """The interruption (Ctrl-C's KeyboardInterrupt, or Prefect's TerminationSignal for SIGTERM) that
+    `error` was raised while handling, if any. A clean-up that fails on the way out of an interrupted
+    block (an HTTP client or a database session the interruption left half-way) replaces the
+    interruption with its own error. Other BaseExceptions in the chain (a task's CancelledError behind
+    a timeout, GeneratorExit, SystemExit) are no interruption."""
+    interruptions = (
+        link for link in exception_chain(error) if isinstance(link, KeyboardInterrupt | TerminationSignal)
+    )
+    return next(interruptions, None)

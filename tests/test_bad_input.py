@@ -15,6 +15,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import torch
 import yaml
@@ -445,6 +447,44 @@ def test_the_quick_parquet_check_says_what_loading_says(
     word for word, or none where loading raises none."""
     spec = DataSpec(**data, **change)
     assert _error(lambda: check_parquet_columns(spec, names)) == _error(lambda: load_domains(spec, names))
+
+
+def _rows(domain: object, columns: tuple[str, ...] = ("features", "label", "domain")) -> pa.Table:
+    values = {"features": [[0.0, 1.0], [1.0, 0.0]], "label": [0, 1], "domain": [domain, domain], "n": [1, 2]}
+    return pa.table({column: values[column] for column in columns})
+
+
+# folders `datasets` reads differently from "every Parquet file in it": the quick check must leave them
+LAYOUTS: dict[str, dict[str, pa.Table | str]] = {
+    "a file whose name starts with an underscore": {"a.parquet": _rows("a"), "_b.parquet": _rows("b")},
+    "split-named files beside another": {
+        "train.parquet": _rows("a"),
+        "test.parquet": _rows("b"),
+        "stats.parquet": _rows("a", ("n",)),
+    },
+    "a README that lists the files": {
+        "README.md": "---\nconfigs:\n- config_name: default\n  data_files: data/*.parquet\n---\n",
+        "data/a.parquet": _rows("a"),
+        "data/b.parquet": _rows("b"),
+        "stats.parquet": _rows("a", ("n",)),
+    },
+    "domain names stored as bytes": {"a.parquet": _rows(b"a"), "b.parquet": _rows(b"b")},
+}
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_the_quick_parquet_check_raises_nothing_loading_would_not(layout: str, tmp_path: Path) -> None:
+    """Folder layouts whose files `datasets` selects by its own rules, and a domain column whose text
+    differs from pyarrow's: the quick check leaves them to loading rather than raise a false error."""
+    for name, content in LAYOUTS[layout].items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        if isinstance(content, str):
+            (tmp_path / name).write_text(content)
+        else:
+            pq.write_table(content, tmp_path / name)
+    spec = DataSpec(path=str(tmp_path))
+    assert _error(lambda: load_domains(spec, ["a", "b"])) is None  # loading finds both domains
+    assert _error(lambda: check_parquet_columns(spec, ["a", "b"])) is None
 
 
 def test_a_damaged_parquet_file_is_named_by_the_loading_check(tmp_path: Path) -> None:

@@ -3,6 +3,7 @@ evaluation ends FAILED and compare skips it, runs of dead processes end KILLED, 
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import os
@@ -196,17 +197,30 @@ class FailingCleanUp:
         raise ConnectionError("the connection was left half-way")
 
 
+def timed_out() -> TimeoutError:
+    """What `asyncio.wait_for` raises on a timeout: an error caused by a BaseException that is no
+    interruption."""
+    error = TimeoutError()
+    error.__cause__ = asyncio.CancelledError()
+    return error
+
+
 @pytest.mark.parametrize(
     ("raised", "status", "seen"),
-    [(KeyboardInterrupt, "KILLED", KeyboardInterrupt), (ValueError, "FAILED", ConnectionError)],
+    [
+        (KeyboardInterrupt(), "KILLED", KeyboardInterrupt),
+        (ValueError(), "FAILED", ConnectionError),
+        (timed_out(), "FAILED", ConnectionError),
+    ],
 )
 def test_an_interruption_a_clean_up_error_replaced_still_ends_the_run_killed(
-    raised: type[BaseException], status: str, seen: type[BaseException], tmp_path: Path
+    raised: BaseException, status: str, seen: type[BaseException], tmp_path: Path
 ) -> None:
     """Ctrl-C or SIGTERM can land inside a request, whose clean-up then raises its own error on the
     way out: the study's run must still end KILLED and the user see the interruption (the CLI's
-    "interrupted" and exit code 130), not FAILED and a traceback. An error that is no interruption
-    still ends the run FAILED with the error that surfaced."""
+    "interrupted" and exit code 130), not FAILED and a traceback. An error that is no interruption,
+    also one with a BaseException behind it (a timeout's CancelledError), still ends the run FAILED
+    with the error that surfaced."""
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     client = MlflowClient(tracking_uri=uri)
     experiment = client.create_experiment("interrupted", artifact_location=(tmp_path / "mlruns").as_uri())
