@@ -337,10 +337,9 @@ def ended_if_stopped(run: StudyRun) -> Iterator[None]:
     """Ends the MLflow parent run (unless it has ended) FAILED if the block raises, KILLED if it is
     interrupted (Ctrl-C, SIGTERM, SIGHUP), also when a clean-up's error replaced the interruption
     (`interruption_behind`): the interruption is raised again, so that the user sees it, not a
-    traceback. A SIGKILLed study's run is
-    ended KILLED by the next study. An interruption also asks the tasks running in threads of this
-    process to stop (tasks/stopping.py): Prefect's engine waits for them before it lets the
-    interruption end the process."""
+    traceback. A SIGKILLed study's run is ended KILLED by the next study. An interruption also asks
+    the tasks running in threads of this process to stop (tasks/stopping.py): Prefect's engine waits
+    for them before it lets the interruption end the process."""
     STOP_REQUESTED.clear()
     try:
         yield

@@ -74,6 +74,6 @@ class StudyProgress:
     def __exit__(self, exc_type: type[BaseException] | None, error: BaseException | None, _: object) -> None:
         """Publishes the final counts unless the study was interrupted: the interruption may have left
         the Prefect client half-way through a request."""
-        if error is None or interruption_behind(error) is None and isinstance(error, Exception):
+        if error is None or (isinstance(error, Exception) and interruption_behind(error) is None):
             self.publish()
         self.bar.close()
