@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import shlex
@@ -16,6 +17,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from types import FrameType
+from typing import NoReturn
 from urllib.parse import quote, urlsplit
 
 from adaptflow import settings
@@ -255,24 +257,27 @@ def _run(
     keep_freed_memory()  # before Prefect starts the threads that run tasks: see tasks/allocator.py
     from prefect.settings import get_current_settings
 
-    from flows.evaluate import evaluate_saved_model
-    from flows.study import shared_prefect_server, study, task_runner, validate_study
-    from tasks.report import format_table
-    from tasks.stopping import interruption_behind
-    from tasks.summary import interval_caption
-    from tasks.tracking import check_reachable
+    from flows.server import launched_for, shared_prefect_server
 
-    if not verbose:
-        settings.quiet_task_logs()  # after the imports above, which set up Prefect's console handler
+    running = None if get_current_settings().api.url else _ui_prefect_api()
+    with launched_for(running):  # the server boots on another core while the study imports and checks
+        from flows.evaluate import evaluate_saved_model
+        from flows.study import study, task_runner, validate_study
+        from tasks.report import format_table
+        from tasks.stopping import interruption_behind
+        from tasks.summary import interval_caption
+        from tasks.tracking import check_reachable
 
-    uri = tracking_uri or settings.default_tracking_uri()
-    check_reachable(_tracking_uri(uri))  # a tracking server that is down fails here, before data loads
-    validate_study(spec)  # fail fast, before a Prefect server starts or MLflow is touched
+        if not verbose:
+            settings.quiet_task_logs()  # after the imports above, which set up Prefect's console handler
+
+        uri = tracking_uri or settings.default_tracking_uri()
+        check_reachable(_tracking_uri(uri))  # a tracking server that is down fails here, before data loads
+        validate_study(spec)  # fail fast, before a flow runs or MLflow is touched
     if has_secret(uri):  # Prefect stores flow parameters: a URI with credentials goes by the environment
         os.environ["MLFLOW_TRACKING_URI"] = uri
     started = time.perf_counter()
     flow_uri = None if has_secret(uri) else uri
-    running = None if get_current_settings().api.url else _ui_prefect_api()
     if running is not None:
         print(f"adaptflow: using the Prefect server of `adaptflow ui`, {running}", file=sys.stderr)
     try:
@@ -521,5 +526,15 @@ def _study_pages(tracking_uri: str, study: str | None, mlflow: str, prefect: str
     )
 
 
+def command() -> NoReturn:
+    """The `adaptflow` executable: `main`, then an exit that skips Python's last garbage collection over
+    every object torch, Prefect and MLflow created, which took 1.3 s of each command (docs/benchmarks.md).
+    The process frees that memory anyway; atexit handlers (the temporary server's stop, Prefect's log
+    flush) still run."""
+    status = main()
+    gc.freeze()
+    raise SystemExit(status)
+
+
 if __name__ == "__main__":
-    raise SystemExit(main())
+    command()

@@ -7,16 +7,13 @@ The steps are public so the `sweep` flow (flows/sweep.py) runs many studies from
 
 from __future__ import annotations
 
-import ctypes
 import gc
 import os
 import signal
-import subprocess
-import sys
 import time
 import traceback
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -25,7 +22,7 @@ import torch
 from prefect import flow
 from prefect.futures import PrefectFuture
 from prefect.runtime import deployment, flow_run
-from prefect.settings import PREFECT_API_URL, get_current_settings, temporary_settings
+from prefect.settings import get_current_settings
 from prefect.task_runners import ProcessPoolTaskRunner, TaskRunner, ThreadPoolTaskRunner
 
 from adaptflow import settings
@@ -425,76 +422,6 @@ def task_runner(workers: int, address: str | None = None) -> TaskRunner[Any]:
             raise StudyError("--task-runner dask needs prefect-dask: pip install -e '.[dask]'") from exc
         return DaskTaskRunner(address=address)
     return ThreadPoolTaskRunner(max_workers=1) if workers == 1 else processes(workers)
-
-
-@contextmanager
-def shared_prefect_server(running: str | None = None) -> Iterator[None]:
-    """Without PREFECT_API_URL, every process that talks to Prefect starts its own temporary server
-    (a cold start each, 15 s or more), task-runner workers included; this starts the one the flow
-    would start and gives its URL to the workers through the settings they inherit. Given the API
-    URL of a `running` server (`adaptflow ui`'s), it uses that one instead and starts none.
-
-    The server runs in a process group of its own: Ctrl-C in a terminal signals the whole foreground
-    group, and a server stopped with the study would leave the interrupted flow retrying it for
-    minutes to record how it ended. It is still stopped when this process exits (Prefect's atexit)."""
-    if running is not None:
-        with temporary_settings(updates={PREFECT_API_URL: running}):
-            yield
-        return
-    if get_current_settings().api.url or not get_current_settings().server.ephemeral.enabled:
-        yield
-        return
-    from prefect.server.api import server as prefect_server
-
-    server = prefect_server.SubprocessASGIServer()  # the instance Prefect's own clients look up
-    if not server.running:
-        with _new_processes_in_own_group():
-            server.start()
-    with temporary_settings(updates={PREFECT_API_URL: server.api_url}):
-        yield
-
-
-class _OwnGroupPopen(subprocess.Popen):  # type: ignore[type-arg]
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, process_group=0, preexec_fn=_stopped_with_parent(), **kwargs)
-
-
-PR_SET_PDEATHSIG = 1  # linux/prctl.h
-
-
-def _stopped_with_parent() -> Callable[[], None] | None:
-    """On Linux, a child started with this as `preexec_fn` gets SIGTERM when the thread that started it
-    ends, so a server started in the main thread stops even when the study is SIGKILLed (nothing in
-    the study can clean up then). The library call is looked up here, in the parent: the child, forked
-    from a process with threads, only calls it."""
-    if not sys.platform.startswith("linux"):
-        return None
-    prctl = ctypes.CDLL(None, use_errno=True).prctl
-    parent = os.getpid()
-
-    def set_death_signal() -> None:
-        prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
-        if os.getppid() != parent:  # the parent died before the call: nothing would signal
-            os.kill(os.getpid(), signal.SIGTERM)
-
-    return set_death_signal
-
-
-@contextmanager
-def _new_processes_in_own_group() -> Iterator[None]:
-    """Processes started meanwhile get a process group of their own, and stop with this process even
-    when it is killed (`_stopped_with_parent`). Prefect's temporary server is started by a private
-    method of its class with no option for this, so `subprocess.Popen` is swapped for the moment of its
-    start, in the main thread, before any task or worker runs."""
-    if os.name != "posix":  # process groups are POSIX's
-        yield
-        return
-    popen = subprocess.Popen
-    subprocess.Popen = _OwnGroupPopen  # type: ignore[misc]
-    try:
-        yield
-    finally:
-        subprocess.Popen = popen  # type: ignore[misc]
 
 
 # One worker thread: torch's random generator is global to the process, so tasks that seed it

@@ -218,6 +218,29 @@ def test_a_sigkilled_study_leaves_no_temporary_server(tmp_path: Path) -> None:
         time.sleep(0.2)
 
 
+def test_a_study_that_fails_its_checks_stops_the_server_it_launched(tmp_path: Path) -> None:
+    """`adaptflow run` starts its temporary server before the study's imports and data checks, so that
+    it boots meanwhile (flows/server.py); a check that fails must stop it at once, without the
+    server's start and stop lines around the error, and leave no server process behind."""
+    if not sys.platform.startswith("linux"):
+        pytest.skip("reads the processes' environments from /proc")
+    too_many_shots = [*_run_command(f"sqlite:///{tmp_path / 'mlflow.db'}"), "--set", "episodes.shots=[50]"]
+    run, log = _start_with_own_server(too_many_shots, tmp_path)
+    assert run.wait(120) == 2, log.read_text()
+    printed = log.read_text()
+    assert "adaptflow: error: the data cannot supply the episodes asked for" in printed
+    assert "temporary server" not in printed
+    home = f"PREFECT_HOME={tmp_path / 'prefect'}".encode()
+    servers = []
+    for process in Path("/proc").glob("[0-9]*"):
+        try:
+            if b"create_app" in (process / "cmdline").read_bytes():
+                servers += [process.name] if home in (process / "environ").read_bytes().split(b"\0") else []
+        except OSError:  # it ended meanwhile, or is not ours to read
+            continue
+    assert not servers, f"the temporary server (pid {servers}) outlived the failed study"
+
+
 def _run_command(uri: str) -> list[str]:
     return [sys.executable, "-m", "adaptflow.cli", "run", str(DEMO), *ARGS, "--tracking-uri", uri]
 
