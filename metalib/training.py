@@ -7,7 +7,7 @@ import io
 import math
 import threading
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -59,9 +59,11 @@ class Checkpoint:
     history: TrainingHistory
 
     def to_bytes(self) -> bytes:
-        """Plain containers and tensors only, so `from_bytes` can load with weights_only=True."""
+        """Plain containers and tensors only, so `from_bytes` can load with weights_only=True. The
+        history's fields go as they are: `asdict` would copy every (step, value) pair of its curves
+        first, which made checkpoints cost more with each step (docs/benchmarks.md)."""
         buffer = io.BytesIO()
-        torch.save({**vars(self), "history": asdict(self.history)}, buffer)
+        torch.save({**vars(self), "history": dict(vars(self.history))}, buffer)
         return buffer.getvalue()
 
     @classmethod
