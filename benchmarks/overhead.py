@@ -15,11 +15,13 @@ folder (the machine's load average is printed next to each number):
 
     .venv/bin/python benchmarks/overhead.py --workers 1
     .venv/bin/python benchmarks/overhead.py --workers 2
+    .venv/bin/python benchmarks/overhead.py --set train.steps=3000   # a study with 10x the training
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import re
 import resource
@@ -87,12 +89,12 @@ def children_cpu() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-def bare(spec_path: Path) -> tuple[float, float, Accuracies]:
+def bare(spec_path: Path, overrides: list[str]) -> tuple[float, float, Accuracies]:
     """Wall and CPU seconds and the accuracies of the spec's whole work in this process, one task
     after another."""
     keep_freed_memory()  # as the train and evaluate tasks do
     started, cpu = time.perf_counter(), time.process_time()
-    spec = load_spec(spec_path)
+    spec = load_spec(spec_path, overrides)
     plan = check_study(spec, prepare(spec.data, spec.source, spec.target))
     spec = plan.spec
     accuracies: Accuracies = {}
@@ -115,15 +117,18 @@ def bare(spec_path: Path) -> tuple[float, float, Accuracies]:
     return time.perf_counter() - started, time.process_time() - cpu, accuracies
 
 
-def adaptflow_run(spec_path: Path, workers: int, home: Path, log: Path) -> tuple[float, float, float]:
+def adaptflow_run(
+    spec_path: Path, overrides: list[str], workers: int, home: Path, log: Path
+) -> tuple[float, float, float]:
     """Wall seconds of `adaptflow run` (the whole command), the study time it printed, and the CPU
     seconds of it, its Prefect server and its workers (a machine shared with other jobs inflates
     wall times, CPU seconds much less)."""
     environment = {**os.environ, "PREFECT_HOME": str(home / "prefect")}
     environment.pop("PREFECT_API_URL", None)  # the embedded temporary server, as for a user
-    command = [
-        str(Path(sys.executable).parent / "adaptflow"),
+    command = [  # this checkout's code (the folder is first on the path of `-m`), as `adaptflow` runs it
+        *(sys.executable, "-m", "adaptflow.cli"),
         *("run", str(spec_path), "--workers", str(workers)),
+        *(f"--set={override}" for override in overrides),
         *("--tracking-uri", f"sqlite:///{home / 'mlflow.db'}"),
     ]
     started, cpu = time.perf_counter(), children_cpu()
@@ -159,31 +164,40 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--spec", type=Path, default=ROOT / "studies" / "demo.yaml")
     parser.add_argument("--workers", type=int, default=1, help="adaptflow run --workers (default 1)")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY.PATH=VALUE",
+        help="a spec override, as `adaptflow run --set` (repeatable): e.g. a larger study",
+    )
     args = parser.parse_args()
     print(
         f"{os.cpu_count()} CPUs, torch {torch.__version__} with {torch.get_num_threads()} threads in this "
-        f"process; spec {args.spec}; adaptflow run --workers {args.workers}",
+        f"process; spec {args.spec} {args.overrides}; adaptflow run --workers {args.workers}",
         flush=True,
     )
     home = Path(tempfile.mkdtemp(prefix="adaptflow-overhead-"))
     try:
         print(f"bare:   start, {load()}", flush=True)
-        bare_s, bare_cpu, accuracies = bare(args.spec)
+        bare_s, bare_cpu, accuracies = bare(args.spec, args.overrides)
         print(
             f"bare:   {bare_s:.1f} s, {bare_cpu:.1f} s CPU ({len(accuracies)} evaluations), {load()}",
             flush=True,
         )
-        fresh_s, fresh_study, fresh_cpu = adaptflow_run(args.spec, args.workers, home, home / "fresh.log")
+        run = functools.partial(adaptflow_run, args.spec, args.overrides, args.workers, home)
+        fresh_s, fresh_study, fresh_cpu = run(home / "fresh.log")
         print(
             f"fresh:  {fresh_s:.1f} s (study {fresh_study:.1f} s), {fresh_cpu:.1f} s CPU, {load()}",
             flush=True,
         )
-        cached_s, cached_study, cached_cpu = adaptflow_run(args.spec, args.workers, home, home / "cached.log")
+        cached_s, cached_study, cached_cpu = run(home / "cached.log")
         print(
             f"cached: {cached_s:.1f} s (study {cached_study:.1f} s), {cached_cpu:.1f} s CPU, {load()}",
             flush=True,
         )
-        name = load_spec(args.spec).name
+        name = load_spec(args.spec, args.overrides).name
         runs = logged(home, name)
         same = len(runs) == 2 * len(accuracies) and all(accuracies[key] == acc for key, acc in runs)
         wall, cpu = fresh_s - bare_s, fresh_cpu - bare_cpu
