@@ -260,7 +260,10 @@ def _run(
     from flows.server import launched_for, shared_prefect_server
 
     running = None if get_current_settings().api.url else _ui_prefect_api()
-    with launched_for(running):  # the server boots on another core while the study imports and checks
+    uri = tracking_uri or settings.default_tracking_uri()
+    # the server boots on another core while the study imports and checks; a tracking URI kept in a
+    # Prefect Secret is read from Prefect during the checks, so then Prefect starts it as it needs it
+    with launched_for(running is None and not uri.startswith(settings.SECRET_PREFIX)):
         from flows.evaluate import evaluate_saved_model
         from flows.study import study, task_runner, validate_study
         from tasks.report import format_table
@@ -271,7 +274,6 @@ def _run(
         if not verbose:
             settings.quiet_task_logs()  # after the imports above, which set up Prefect's console handler
 
-        uri = tracking_uri or settings.default_tracking_uri()
         check_reachable(_tracking_uri(uri))  # a tracking server that is down fails here, before data loads
         validate_study(spec)  # fail fast, before a flow runs or MLflow is touched
     if has_secret(uri):  # Prefect stores flow parameters: a URI with credentials goes by the environment

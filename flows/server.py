@@ -35,15 +35,16 @@ ADDRESS_IN_USE = 3  # uvicorn's exit status when its port was taken meanwhile
 
 
 @contextmanager
-def launched_for(checks_of: str | None) -> Iterator[None]:
+def launched_for(checks: bool) -> Iterator[None]:
     """Prefect's temporary server started in the background while the block (a study's imports and
-    checks) runs, without waiting for it to answer (`shared_prefect_server` waits); if the block fails,
-    the server is stopped at once, without a word. Nothing is started given the URL of a running
-    server (`checks_of`), or when an API URL is set or ephemeral servers are off.
+    `checks`) runs, without waiting for it to answer (`shared_prefect_server` waits); if the block
+    fails, the server is stopped at once, without a word. Nothing is started unless `checks` (the
+    caller knows whether the block itself talks to Prefect, which would find a server not yet
+    answering), nor when an API URL is set or ephemeral servers are off.
 
     Use it in the main thread: the server stops when the thread that started it ends
     (`_stopped_with_parent`)."""
-    if checks_of is not None or not _ephemeral():
+    if not checks or not _ephemeral():
         yield
         return
     server = _launch()
@@ -61,7 +62,7 @@ def launched_for(checks_of: str | None) -> Iterator[None]:
 @contextmanager
 def shared_prefect_server(running: str | None = None) -> Iterator[None]:
     """Prefect's temporary server, up and answering, with its URL in the settings the flow and its
-    task-runner workers inherit (launched here if `launch_temporary_server` was not called). Given the
+    task-runner workers inherit (launched here unless `launched_for` launched it). Given the
     API URL of a `running` server (`adaptflow ui`'s), it uses that one instead and starts none."""
     if running is not None:
         with temporary_settings(updates={PREFECT_API_URL: running}):

@@ -32,7 +32,7 @@ class TrainingHistory:
 
     @classmethod
     def from_dict(cls, saved: dict[str, Any]) -> TrainingHistory:
-        """Back from `asdict(history)` after a round trip through torch.save or JSON (pairs as lists)."""
+        """Back from the history's fields after a round trip through torch.save or JSON (pairs as lists)."""
         curves = {
             name: [(int(step), value) for step, value in points] for name, points in saved["curves"].items()
         }

@@ -241,6 +241,20 @@ def test_a_study_that_fails_its_checks_stops_the_server_it_launched(tmp_path: Pa
     assert not servers, f"the temporary server (pid {servers}) outlived the failed study"
 
 
+def test_a_tracking_uri_in_a_prefect_secret_is_read_from_a_server_that_answers(tmp_path: Path) -> None:
+    """A `prefect-secret:` tracking URI is read from Prefect during the checks; a temporary server
+    launched in the background (above) would not answer yet (a ConnectError traceback, seen in review),
+    so then none is launched early and the check gets Prefect's own answer: here, no such block."""
+    run, log = _start_with_own_server(_run_command("prefect-secret:missing"), tmp_path)
+    assert run.wait(120) == 2, log.read_text()
+    printed = log.read_text()
+    assert (
+        "adaptflow: error: tracking URI 'prefect-secret:missing': Prefect has no Secret block named"
+        in printed
+    )
+    assert "Traceback" not in printed
+
+
 def _run_command(uri: str) -> list[str]:
     return [sys.executable, "-m", "adaptflow.cli", "run", str(DEMO), *ARGS, "--tracking-uri", uri]
 
