@@ -35,16 +35,16 @@ ADDRESS_IN_USE = 3  # uvicorn's exit status when its port was taken meanwhile
 
 
 @contextmanager
-def launched_for(checks: bool) -> Iterator[None]:
+def launched_for(launch: bool) -> Iterator[None]:
     """Prefect's temporary server started in the background while the block (a study's imports and
-    `checks`) runs, without waiting for it to answer (`shared_prefect_server` waits); if the block
-    fails, the server is stopped at once, without a word. Nothing is started unless `checks` (the
-    caller knows whether the block itself talks to Prefect, which would find a server not yet
-    answering), nor when an API URL is set or ephemeral servers are off.
+    checks) runs, without waiting for it to answer (`shared_prefect_server` waits); if the block
+    fails, the server is stopped at once, without a word. Nothing is started unless `launch` (false
+    when the block itself talks to Prefect, which would find a server not yet answering), nor when
+    an API URL is set or ephemeral servers are off.
 
     Use it in the main thread: the server stops when the thread that started it ends
     (`_stopped_with_parent`)."""
-    if not checks or not _ephemeral():
+    if not launch or not _ephemeral():
         yield
         return
     server = _launch()
