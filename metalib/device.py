@@ -1,6 +1,9 @@
-"""Which torch device a run uses."""
+"""Which torch device a run uses, and how many threads work done beside a run's training uses."""
 
 from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 
@@ -17,3 +20,20 @@ def resolve_device(name: str = "auto") -> torch.device:
     if torch.backends.mps.is_available():
         return torch.device("mps")
     return torch.device("cpu")
+
+
+@contextmanager
+def one_thread() -> Iterator[None]:
+    """Runs the block on one torch thread, then restores the thread count it found.
+
+    For tensor work in a thread that does not train, such as the flow's own thread preparing data
+    before its tasks train in another: with OpenMP each thread that starts parallel work keeps a team
+    of threads of its own, and a second team in the process slowed every later training in the task
+    thread 1.6-1.8x on 2 cores (docs/benchmarks.md). One thread starts no team.
+    """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)

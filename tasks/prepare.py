@@ -31,6 +31,7 @@ from adaptflow.errors import StudyError
 from adaptflow.settings import PROJECT_DIR
 from adaptflow.spec import MODALITIES, DataSpec, FixedEpisodeSpec, StudySpec
 from metalib import episode_shape_problems, split_per_class
+from metalib.device import one_thread
 from tasks import fixed_episodes, loading, modalities
 from tasks.caching import stable_inputs
 from tasks.loading import Domain, check_columns, load_domains
@@ -101,16 +102,19 @@ def prepare(
 ) -> PreparedData:
     """Loads, checks and tensorises the data a study needs; raises StudyError on bad input.
 
-    With `cache`, a result prepared before from the same datasets and settings is read back.
+    With `cache`, a result prepared before from the same datasets and settings is read back. The
+    tensor work runs on one torch thread: a study prepares in the flow's own thread and trains in task
+    threads, which a torch thread team left by the flow's thread slows (`metalib.device.one_thread`).
     """
     domains = load_domains(data, [*source, *target])
     fingerprint = _fingerprint(domains, data, source, target)
     path = cache / f"{fingerprint}.pt" if cache else None
-    prepared = _read_cache(path) if path else None
-    if prepared is None:
-        prepared = _prepare(domains, data, source, target, fingerprint)
-        if path:
-            _write_cache(path, prepared)
+    with one_thread():
+        prepared = _read_cache(path) if path else None
+        if prepared is None:
+            prepared = _prepare(domains, data, source, target, fingerprint)
+            if path:
+                _write_cache(path, prepared)
     for domain, classes in prepared.missing_classes.items():
         listed = f"{classes}" if len(classes) <= 10 else f"{len(classes)} classes, such as {classes[:10]}"
         warnings.warn(

@@ -34,6 +34,7 @@ from adaptflow.errors import StudyError
 from adaptflow.settings import PROJECT_DIR
 from adaptflow.spec import SearchSpec, StudySpec, TrainSpec
 from metalib import EpisodeSampler, TrainingHistory, meta_train
+from metalib.device import one_thread
 from metalib.evaluation import Stopped, episode_accuracies
 from metalib.search_space import Choice, FloatRange, SearchSpace
 from metalib.seeding import derive_seed
@@ -168,20 +169,22 @@ class Fold:
 
 
 def folds(search: SearchSpec, spec: StudySpec, prepared: PreparedData) -> list[Fold]:
-    """The data of each training a trial makes. Only source rows, whatever the rule."""
+    """The data of each training a trial makes. Only source rows, whatever the rule. Built in the
+    flow's thread, so on one torch thread (`metalib.device.one_thread`)."""
     train, val = prepared.source_train, prepared.source_val
     if search.selection == "source_validation":
         return [Fold(train, val)]
     made = []
-    for index, domain in enumerate(spec.source):
-        assert train.domain is not None and val.domain is not None
-        held_out = Pool(
-            torch.cat([train.x[train.domain == index], val.x[val.domain == index]]),
-            torch.cat([train.y[train.domain == index], val.y[val.domain == index]]),
-        )
-        made.append(
-            Fold(train.where(train.domain != index), val.where(val.domain != index), held_out, domain)
-        )
+    with one_thread():
+        for index, domain in enumerate(spec.source):
+            assert train.domain is not None and val.domain is not None
+            held_out = Pool(
+                torch.cat([train.x[train.domain == index], val.x[val.domain == index]]),
+                torch.cat([train.y[train.domain == index], val.y[val.domain == index]]),
+            )
+            made.append(
+                Fold(train.where(train.domain != index), val.where(val.domain != index), held_out, domain)
+            )
     return made
 
 
