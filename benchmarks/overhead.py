@@ -5,9 +5,15 @@
    after another, with no Prefect run and no MLflow. Evaluation is `evaluate_model.fn`; training is
    the body of `train_model` without its Prefect logger, progress artifact and checkpoint store (it
    cannot run outside a task run), i.e. the same `source_episodes` and `meta_train` calls.
-2. fresh: `adaptflow run SPEC --workers N` in a subprocess with a new PREFECT_HOME (no task cache, a
-   cold temporary Prefect server) and a new sqlite MLflow store; wall time of the whole command.
+2. fresh: `adaptflow run SPEC --workers N` in a subprocess with a new ADAPTFLOW_HOME and PREFECT_HOME
+   (no prepared-data cache, no task cache, a cold temporary Prefect server: a study's first run) and
+   a new sqlite MLflow store; wall time of the whole command.
 3. cached: the same command again: every task is a cache hit; what is left is orchestration.
+
+Bare prepares the data without the prepared-data cache too, so both start from the Parquet files.
+Both also report the time in training and in evaluation (in the flow: the `train_seconds` and
+`eval_seconds` each task logged), which tells slower work inside the tasks from the orchestration
+between them.
 
 The overhead share is (fresh - bare) / fresh. Every accuracy logged by the flow must equal the bare
 one for its (algorithm, seed, target, shots); the script says whether they do. Run from the project
@@ -89,18 +95,22 @@ def children_cpu() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-def bare(spec_path: Path, overrides: list[str]) -> tuple[float, float, Accuracies]:
+def bare(spec_path: Path, overrides: list[str]) -> tuple[float, float, Accuracies, float, float]:
     """Wall and CPU seconds and the accuracies of the spec's whole work in this process, one task
-    after another."""
+    after another, and the seconds spent training and evaluating."""
     keep_freed_memory()  # as the train and evaluate tasks do
     started, cpu = time.perf_counter(), time.process_time()
     spec = load_spec(spec_path, overrides)
-    plan = check_study(spec, prepare(spec.data, spec.source, spec.target))
+    plan = check_study(spec, prepare(spec.data, spec.source, spec.target, cache=None))
     spec = plan.spec
     accuracies: Accuracies = {}
+    training = evaluation_s = 0.0
     for index, seed, trained_for in training_keys(plan):
         setup = plan.setups[index]
+        began = time.perf_counter()
         trained = train(plan, index, seed, trained_for)
+        training += time.perf_counter() - began
+        began = time.perf_counter()
         for target in [trained_for] if trained_for else spec.target:
             for shots in spec.episodes.shots:
                 evaluation = evaluate_model.fn(
@@ -114,7 +124,8 @@ def bare(spec_path: Path, overrides: list[str]) -> tuple[float, float, Accuracie
                     device=spec.train.device,
                 )
                 accuracies[(setup.label, str(seed), target, str(shots))] = evaluation.acc
-    return time.perf_counter() - started, time.process_time() - cpu, accuracies
+        evaluation_s += time.perf_counter() - began
+    return time.perf_counter() - started, time.process_time() - cpu, accuracies, training, evaluation_s
 
 
 def adaptflow_run(
@@ -123,7 +134,7 @@ def adaptflow_run(
     """Wall seconds of `adaptflow run` (the whole command), the study time it printed, and the CPU
     seconds of it, its Prefect server and its workers (a machine shared with other jobs inflates
     wall times, CPU seconds much less)."""
-    environment = {**os.environ, "PREFECT_HOME": str(home / "prefect")}
+    environment = {**os.environ, "ADAPTFLOW_HOME": str(home), "PREFECT_HOME": str(home / "prefect")}
     environment.pop("PREFECT_API_URL", None)  # the embedded temporary server, as for a user
     command = [  # this checkout's code (the folder is first on the path of `-m`), as `adaptflow` runs it
         *(sys.executable, "-m", "adaptflow.cli"),
@@ -139,6 +150,19 @@ def adaptflow_run(
     wall, cpu = time.perf_counter() - started, children_cpu() - cpu
     study = re.findall(r"study took ([\d.]+) s", log.read_text())
     return wall, float(study[-1]), cpu
+
+
+def task_seconds(home: Path, experiment: str) -> tuple[float, float]:
+    """Seconds the fresh run's tasks spent training (each model run's `train_seconds`) and evaluating
+    (each evaluation run's `eval_seconds`), by their own timers. Called before the cached rerun."""
+    client = MlflowClient(tracking_uri=f"sqlite:///{home / 'mlflow.db'}")
+    experiment_id = client.get_experiment_by_name(experiment).experiment_id
+    found = {
+        kind: client.search_runs([experiment_id], f"tags.kind = '{kind}'", max_results=10000)
+        for kind in ("model", "evaluation")
+    }
+    training = sum(run.data.metrics["train_seconds"] for run in found["model"])
+    return training, sum(run.data.metrics["eval_seconds"] for run in found["evaluation"])
 
 
 def logged(home: Path, experiment: str) -> list[tuple[tuple[str, str, str, str], float]]:
@@ -181,15 +205,18 @@ def main() -> None:
     home = Path(tempfile.mkdtemp(prefix="adaptflow-overhead-"))
     try:
         print(f"bare:   start, {load()}", flush=True)
-        bare_s, bare_cpu, accuracies = bare(args.spec, args.overrides)
+        bare_s, bare_cpu, accuracies, bare_training, bare_evaluation = bare(args.spec, args.overrides)
         print(
-            f"bare:   {bare_s:.1f} s, {bare_cpu:.1f} s CPU ({len(accuracies)} evaluations), {load()}",
+            f"bare:   {bare_s:.1f} s, {bare_cpu:.1f} s CPU ({len(accuracies)} evaluations; training "
+            f"{bare_training:.1f} s, evaluation {bare_evaluation:.1f} s), {load()}",
             flush=True,
         )
         run = functools.partial(adaptflow_run, args.spec, args.overrides, args.workers, home)
         fresh_s, fresh_study, fresh_cpu = run(home / "fresh.log")
+        training, evaluation = task_seconds(home, load_spec(args.spec, args.overrides).name)
         print(
-            f"fresh:  {fresh_s:.1f} s (study {fresh_study:.1f} s), {fresh_cpu:.1f} s CPU, {load()}",
+            f"fresh:  {fresh_s:.1f} s (study {fresh_study:.1f} s; its tasks: training {training:.1f} s, "
+            f"evaluation {evaluation:.1f} s), {fresh_cpu:.1f} s CPU, {load()}",
             flush=True,
         )
         cached_s, cached_study, cached_cpu = run(home / "cached.log")
