@@ -211,7 +211,7 @@ def test_preparation_runs_on_one_torch_thread_and_gives_the_count_back(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A study prepares in the flow's thread and trains in a task thread: a torch thread team the flow's
-    thread started slowed those trainings 1.6-1.8x (docs/benchmarks.md), so preparation, fresh or from
+    thread started slowed those trainings 1.6x (docs/benchmarks.md), so preparation, fresh or from
     the cache, runs on one thread and then restores the count, also after an error."""
     files = [write(tmp_path, name, reviews(name)) for name in ("books", "dvd")]
     settings = {"path": "parquet", "data_files": files, "input": "text"}
