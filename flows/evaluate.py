@@ -13,6 +13,7 @@ from typing import Any
 
 from prefect import flow
 from prefect.runtime import flow_run
+from prefect.task_runners import ThreadPoolTaskRunner
 
 from adaptflow.errors import StudyError
 from adaptflow.spec import load_spec
@@ -42,7 +43,13 @@ def evaluation_run_name() -> str:
     return f"evaluate·{parameters['model_uri']}"
 
 
-@flow(name="evaluate-model", flow_run_name=evaluation_run_name, log_prints=True)
+# One worker thread, as the study flow's: each evaluation seeds torch's process-wide generator.
+@flow(
+    name="evaluate-model",
+    flow_run_name=evaluation_run_name,
+    log_prints=True,
+    task_runner=ThreadPoolTaskRunner(max_workers=1),
+)
 def evaluate_saved_model(
     model_uri: str,
     spec: str | dict[str, Any],

@@ -29,6 +29,7 @@ from adaptflow import settings
 from adaptflow.errors import StudyError
 from adaptflow.spec import StudySpec, load_spec
 from flows.search import search_algorithms
+from metalib.device import one_thread
 from metalib.seeding import derive_seed
 from tasks.allocator import keep_freed_memory
 from tasks.artifacts import link_mlflow_run, study_run_name
@@ -91,8 +92,9 @@ def check_study(spec: StudySpec, prepared: PreparedData) -> StudyPlan:
     # the backbone the data's modality implies, when the spec leaves it out, is logged as chosen
     spec = spec.model_copy(update={"backbone": spec.backbone_for(prepared.modality)})
     setups = [LearnerSetup.from_spec(spec, algorithm, prepared) for algorithm in spec.algorithms]
-    for setup in setups:
-        setup.check()
+    with one_thread():  # in the flow's thread, which trains nothing: metalib.device.one_thread
+        for setup in setups:
+            setup.check()
     if trains_on_gpu_pool(spec):
         check_pool_spec(spec.model_dump(mode="json"))
     study_datasets(spec, prepared.fingerprint, prepared.rows_per_domain)

@@ -29,7 +29,8 @@ def one_thread() -> Iterator[None]:
     For tensor work in a thread that does not train, such as the flow's own thread preparing data
     before its tasks train in another: with OpenMP each thread that starts parallel work keeps a team
     of threads of its own, and a second team in the process slowed every later training in the task
-    thread 1.6x on 2 cores (docs/benchmarks.md). One thread starts no team.
+    thread 1.6x on 2 cores (docs/benchmarks.md). One thread starts no team. Use it before other
+    threads start torch work: a thread whose first torch op falls inside the block keeps one thread.
     """
     threads = torch.get_num_threads()
     torch.set_num_threads(1)

@@ -12,11 +12,9 @@ import datasets
 import pytest
 import torch
 
-import tasks.prepare
 from adaptflow.errors import StudyError
 from adaptflow.spec import DataSpec
 from metalib import EpisodeSampler
-from metalib.device import one_thread
 from tasks.prepare import PreparedData, prepare
 from tests.test_data_modalities import write
 from tests.test_fixed_episodes import BACKGROUND
@@ -205,38 +203,3 @@ def test_the_fingerprint_does_not_depend_on_the_folder_a_relative_path_is_read_f
 def test_data_needs_a_path_somewhere() -> None:
     with pytest.raises(ValueError, match="give data.path, or a path for every domain"):
         DataSpec(domains={"a": {"split": "train"}, "b": {"path": "parquet"}})
-
-
-def test_preparation_runs_on_one_torch_thread_and_gives_the_count_back(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """A study prepares in the flow's thread and trains in a task thread: a torch thread team the flow's
-    thread started slowed those trainings 1.6x (docs/benchmarks.md), so preparation, fresh or from
-    the cache, runs on one thread and then restores the count, also after an error."""
-    files = [write(tmp_path, name, reviews(name)) for name in ("books", "dvd")]
-    settings = {"path": "parquet", "data_files": files, "input": "text"}
-    seen: list[int] = []
-
-    def observed(name: str) -> Any:
-        real = getattr(tasks.prepare, name)
-
-        def call(*args: Any) -> Any:
-            seen.append(torch.get_num_threads())
-            return real(*args)
-
-        return call
-
-    for name in ("_prepare", "_read_cache"):
-        monkeypatch.setattr(tasks.prepare, name, observed(name))
-    threads = torch.get_num_threads()
-    torch.set_num_threads(2)  # what a 2-core machine starts with, whatever this one has
-    try:
-        prepare_spec(["books"], ["dvd"], cache=tmp_path / "cache", **settings)  # read (a miss), prepare
-        prepare_spec(["books"], ["dvd"], cache=tmp_path / "cache", **settings)  # read back
-        assert seen == [1, 1, 1] and torch.get_num_threads() == 2
-        with pytest.raises(ValueError, match="failed"), one_thread():
-            assert torch.get_num_threads() == 1
-            raise ValueError("a failed preparation")
-        assert torch.get_num_threads() == 2
-    finally:
-        torch.set_num_threads(threads)

@@ -186,36 +186,38 @@ def test_a_saved_model_evaluated_again_scores_what_its_study_scored(
     first_run: FirstRun, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """`adaptflow evaluate` on a registered model version, with the study's spec: the same episodes
-    (digest) and accuracies as the study's own evaluation of that model; data of another shape is a
-    clear error."""
+    (digest) and accuracies as the study's own evaluation of that model, for protonet and for
+    fine-tuning (whose heads start from torch's process-wide generator, so its evaluations must not
+    interleave); data of another shape is a clear error."""
     uri, _ = first_run
     client = MlflowClient(tracking_uri=uri)
     experiment = client.get_experiment_by_name("office-caltech-demo").experiment_id
     parents, children = runs_by_kind(client, experiment)
     first = min(parents, key=lambda run: run.info.start_time).info.run_id
-    studied = [
-        run
-        for run in children
-        if run.data.tags["mlflow.parentRunId"] == first and child_key(run)[:2] == ("protonet", "1")
-    ]
-    model_run = studied[0].data.tags["model_run_id"]
     versions = client.search_model_versions("name = 'office-caltech-demo'")
     assert len(versions) == len(ALGORITHMS) * len(SEEDS)  # each model registered once, reruns too
-    (version,) = [v for v in versions if v.run_id == model_run]
-    assert version.tags["algorithm"] == "protonet" and version.tags["seed"] == "1"
-
-    uri_of_version = f"models:/office-caltech-demo/{version.version}"
-    assert main(["evaluate", uri_of_version, "--spec", str(DEMO), *SMALL, "--tracking-uri", uri]) == 0
-    parents, children = runs_by_kind(client, experiment)
-    (again,) = [run for run in parents if run.data.tags.get("evaluated_model") == uri_of_version]
-    assert again.info.status == "FINISHED"
-    rerun = [run for run in children if run.data.tags["mlflow.parentRunId"] == again.info.run_id]
 
     def scores(runs: list[Run]) -> dict[tuple[str, ...], tuple[float, str]]:
         return {child_key(r): (r.data.metrics["acc"], r.data.tags["episodes_digest"]) for r in runs}
 
-    assert len(rerun) == len(TARGETS) * len(SHOTS) and scores(rerun) == scores(studied)
-    assert all(run.data.tags["model_run_id"] == model_run for run in rerun)
+    for algorithm in ALGORITHMS:
+        studied = [
+            run
+            for run in children
+            if run.data.tags["mlflow.parentRunId"] == first and child_key(run)[:2] == (algorithm, "1")
+        ]
+        model_run = studied[0].data.tags["model_run_id"]
+        (version,) = [v for v in versions if v.run_id == model_run]
+        assert version.tags["algorithm"] == algorithm and version.tags["seed"] == "1"
+
+        uri_of_version = f"models:/office-caltech-demo/{version.version}"
+        assert main(["evaluate", uri_of_version, "--spec", str(DEMO), *SMALL, "--tracking-uri", uri]) == 0
+        parents, children = runs_by_kind(client, experiment)
+        (again,) = [run for run in parents if run.data.tags.get("evaluated_model") == uri_of_version]
+        assert again.info.status == "FINISHED"
+        rerun = [run for run in children if run.data.tags["mlflow.parentRunId"] == again.info.run_id]
+        assert len(rerun) == len(TARGETS) * len(SHOTS) and scores(rerun) == scores(studied)
+        assert all(run.data.tags["model_run_id"] == model_run for run in rerun)
 
     capsys.readouterr()
     logged_model = studied[0].data.tags["model_uri"]  # models:/<model id>
