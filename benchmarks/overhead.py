@@ -42,6 +42,7 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
+from mlflow.entities import Run  # noqa: E402
 from mlflow.tracking import MlflowClient  # noqa: E402
 
 from adaptflow.spec import load_spec  # noqa: E402
@@ -104,12 +105,12 @@ def bare(spec_path: Path, overrides: list[str]) -> tuple[float, float, Accuracie
     plan = check_study(spec, prepare(spec.data, spec.source, spec.target, cache=None))
     spec = plan.spec
     accuracies: Accuracies = {}
-    training = evaluation_s = 0.0
+    training_s = evaluation_s = 0.0
     for index, seed, trained_for in training_keys(plan):
         setup = plan.setups[index]
         began = time.perf_counter()
         trained = train(plan, index, seed, trained_for)
-        training += time.perf_counter() - began
+        training_s += time.perf_counter() - began
         began = time.perf_counter()
         for target in [trained_for] if trained_for else spec.target:
             for shots in spec.episodes.shots:
@@ -125,7 +126,7 @@ def bare(spec_path: Path, overrides: list[str]) -> tuple[float, float, Accuracie
                 )
                 accuracies[(setup.label, str(seed), target, str(shots))] = evaluation.acc
         evaluation_s += time.perf_counter() - began
-    return time.perf_counter() - started, time.process_time() - cpu, accuracies, training, evaluation_s
+    return time.perf_counter() - started, time.process_time() - cpu, accuracies, training_s, evaluation_s
 
 
 def adaptflow_run(
@@ -152,24 +153,23 @@ def adaptflow_run(
     return wall, float(study[-1]), cpu
 
 
+def runs_of(home: Path, experiment: str, kind: str) -> list[Run]:
+    """The runs tagged `kind` (model, evaluation) in the benchmark's store, of every study run."""
+    client = MlflowClient(tracking_uri=f"sqlite:///{home / 'mlflow.db'}")
+    experiment_id = client.get_experiment_by_name(experiment).experiment_id
+    return client.search_runs([experiment_id], f"tags.kind = '{kind}'", max_results=10000)
+
+
 def task_seconds(home: Path, experiment: str) -> tuple[float, float]:
     """Seconds the fresh run's tasks spent training (each model run's `train_seconds`) and evaluating
     (each evaluation run's `eval_seconds`), by their own timers. Called before the cached rerun."""
-    client = MlflowClient(tracking_uri=f"sqlite:///{home / 'mlflow.db'}")
-    experiment_id = client.get_experiment_by_name(experiment).experiment_id
-    found = {
-        kind: client.search_runs([experiment_id], f"tags.kind = '{kind}'", max_results=10000)
-        for kind in ("model", "evaluation")
-    }
-    training = sum(run.data.metrics["train_seconds"] for run in found["model"])
-    return training, sum(run.data.metrics["eval_seconds"] for run in found["evaluation"])
+    training = sum(run.data.metrics["train_seconds"] for run in runs_of(home, experiment, "model"))
+    evaluation = sum(run.data.metrics["eval_seconds"] for run in runs_of(home, experiment, "evaluation"))
+    return training, evaluation
 
 
 def logged(home: Path, experiment: str) -> list[tuple[tuple[str, str, str, str], float]]:
     """(key, accuracy) of every evaluation run in the store, of every study run."""
-    client = MlflowClient(tracking_uri=f"sqlite:///{home / 'mlflow.db'}")
-    experiment_id = client.get_experiment_by_name(experiment).experiment_id
-    runs = client.search_runs([experiment_id], "tags.kind = 'evaluation'", max_results=10000)
     return [
         (
             (
@@ -180,7 +180,7 @@ def logged(home: Path, experiment: str) -> list[tuple[tuple[str, str, str, str],
             ),
             run.data.metrics["acc"],
         )
-        for run in runs
+        for run in runs_of(home, experiment, "evaluation")
     ]
 
 
@@ -211,9 +211,10 @@ def main() -> None:
             f"{bare_training:.1f} s, evaluation {bare_evaluation:.1f} s), {load()}",
             flush=True,
         )
+        name = load_spec(args.spec, args.overrides).name
         run = functools.partial(adaptflow_run, args.spec, args.overrides, args.workers, home)
         fresh_s, fresh_study, fresh_cpu = run(home / "fresh.log")
-        training, evaluation = task_seconds(home, load_spec(args.spec, args.overrides).name)
+        training, evaluation = task_seconds(home, name)
         print(
             f"fresh:  {fresh_s:.1f} s (study {fresh_study:.1f} s; its tasks: training {training:.1f} s, "
             f"evaluation {evaluation:.1f} s), {fresh_cpu:.1f} s CPU, {load()}",
@@ -224,7 +225,6 @@ def main() -> None:
             f"cached: {cached_s:.1f} s (study {cached_study:.1f} s), {cached_cpu:.1f} s CPU, {load()}",
             flush=True,
         )
-        name = load_spec(args.spec, args.overrides).name
         runs = logged(home, name)
         same = len(runs) == 2 * len(accuracies) and all(accuracies[key] == acc for key, acc in runs)
         wall, cpu = fresh_s - bare_s, fresh_cpu - bare_cpu
