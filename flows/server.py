@@ -5,7 +5,7 @@ start each, several seconds), task-runner workers included. `adaptflow run` laun
 would start as soon as the spec has passed its checks, so that the server boots on another core while
 the study's modules import and its data is checked (`launched_for`), and waits for it only when the
 flow starts (docs/benchmarks.md measures the gain). Until then, this module imports no more of Prefect
-than its settings.
+than its settings: not Prefect's server, which this process does not run.
 
 The server runs in a process group of its own: Ctrl-C in a terminal signals the whole foreground
 group, and a server stopped with the study would leave the interrupted flow retrying it for minutes to
@@ -18,20 +18,26 @@ from __future__ import annotations
 import atexit
 import ctypes
 import os
+import random
 import signal
+import socket
 import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+import prefect
 from prefect.settings import PREFECT_API_URL, get_current_settings, temporary_settings
 
 if TYPE_CHECKING:
     from prefect.server.api.server import SubprocessASGIServer
 
 ADDRESS_IN_USE = 3  # uvicorn's exit status when its port was taken meanwhile
+LOOPBACK = "127.0.0.1"
+PORTS = range(8000, 9000)  # where Prefect's temporary servers listen
 
 
 @contextmanager
@@ -47,15 +53,11 @@ def launched_for(launch: bool) -> Iterator[None]:
     if not launch or not _ephemeral():
         yield
         return
-    server = _launch()
+    _launch()
     try:
         yield
     except BaseException:
-        if server is not None and server.server_process is not None:
-            server.server_process.kill()
-            server.server_process.wait()
-            server.server_process = None  # Prefect's stop, at exit, has nothing left to stop
-            server.running = False
+        _stop_launched()
         raise
 
 
@@ -71,10 +73,9 @@ def shared_prefect_server(running: str | None = None) -> Iterator[None]:
     if not _ephemeral():
         yield
         return
-    _launch()
-    from prefect.server.api.server import SubprocessASGIServer, subprocess_server_logger
+    server = _prefect_server()
+    from prefect.server.api.server import subprocess_server_logger
 
-    server = SubprocessASGIServer()
     subprocess_server_logger.info(f"Starting temporary server on {server.address}")
     _wait_until_up(server, get_current_settings().server.ephemeral.startup_timeout_seconds)
     with temporary_settings(updates={PREFECT_API_URL: server.api_url}):
@@ -86,25 +87,90 @@ def _ephemeral() -> bool:
     return not get_current_settings().api.url and get_current_settings().server.ephemeral.enabled
 
 
-def _launch() -> SubprocessASGIServer | None:
-    """The server Prefect's own clients look up, started unless it runs; None if it ran already."""
+@dataclass
+class _Launched:
+    """The temporary server this process launched: its port and process, until Prefect's own record
+    of it (`_adopted`) takes them over."""
+
+    port: int
+    process: subprocess.Popen[bytes]
+
+
+_launched: _Launched | None = None
+
+
+def _launch() -> None:
+    """Starts the temporary server unless this process launched one that Prefect does not hold yet.
+
+    Prefect's `SubprocessASGIServer` is not used for the start: importing its module imports Prefect's
+    whole server (1.6-1.8 s here), which this process never runs; launched without it, the server
+    boots that much sooner while the study imports. The command is the one that class runs
+    (`_run_uvicorn_command`, Prefect 3.x)."""
+    global _launched
+    if _launched is None:
+        _launched = _Launched(*_spawn())
+        atexit.register(_stop_launched)  # unless Prefect's record takes it over (its stop, at exit)
+
+
+def _spawn() -> tuple[int, subprocess.Popen[bytes]]:
+    """Prefect's temporary server on a free loopback port, in a process group of its own
+    (`_new_processes_in_own_group`): its `create_app`, no UI, marked ephemeral, with this process's
+    Prefect settings."""
+    port = _free_port()
+    command = [
+        *(sys.executable, "-m", "uvicorn", "--app-dir", str(prefect.__module_path__.parent)),
+        *("--factory", "prefect.server.api.server:create_app", "--host", LOOPBACK, "--port", str(port)),
+        *("--log-level", "error", "--lifespan", "on"),
+    ]
+    environment = {
+        **os.environ,
+        **{"PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1", "PREFECT__SERVER_FINAL": "1"},
+        **get_current_settings().to_environment_variables(exclude_unset=True),
+    }
+    with _new_processes_in_own_group():
+        return port, subprocess.Popen(command, env=environment)
+
+
+def _free_port() -> int:
+    """A port of Prefect's range for temporary servers that nothing listens on now. Another process
+    can take it before the server binds it; `_wait_until_up` then starts the server again."""
+    for port in random.sample(PORTS, len(PORTS)):
+        with socket.socket() as probe:
+            try:
+                probe.bind((LOOPBACK, port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError(f"no free port for Prefect's temporary server in {PORTS[0]}-{PORTS[-1]}")
+
+
+def _prefect_server() -> SubprocessASGIServer:
+    """Prefect's record of its temporary server, holding the one to use: one Prefect's own clients
+    started already (the checks read a Prefect Secret), else the one this process launched, launched
+    now if it did not. Held there, a Prefect client that finds no API URL in its settings uses it
+    rather than starting another, and Prefect stops it at exit."""
     from prefect.server.api.server import SubprocessASGIServer
 
+    global _launched
     server = SubprocessASGIServer()
     if server.running:
-        return None
-    _spawn(server)
-    server.running = True
+        _stop_launched()
+        return server
+    _launch()
+    assert _launched is not None
+    server.port, server.server_process, server.running = _launched.port, _launched.process, True
+    _launched = None  # Prefect's record has it now
     atexit.register(server.stop)
     return server
 
 
-def _spawn(server: SubprocessASGIServer) -> None:
-    """Prefect's own command for its temporary server, on a free port, in a process group of its own
-    (`_new_processes_in_own_group`)."""
-    server.port = server.find_available_port()
-    with _new_processes_in_own_group():
-        server.server_process = server._run_uvicorn_command()
+def _stop_launched() -> None:
+    """Kills the server this process launched, if Prefect's record does not hold it yet."""
+    global _launched
+    if _launched is not None:
+        _launched.process.kill()
+        _launched.process.wait()
+        _launched = None
 
 
 def _wait_until_up(server: SubprocessASGIServer, timeout: float) -> None:
@@ -118,7 +184,7 @@ def _wait_until_up(server: SubprocessASGIServer, timeout: float) -> None:
             assert server.server_process is not None
             status = server.server_process.poll()
             if status == ADDRESS_IN_USE:
-                _spawn(server)
+                server.port, server.server_process = _spawn()
             elif status is not None:
                 raise RuntimeError(f"Prefect's temporary server exited with status {status} as it started")
             try:

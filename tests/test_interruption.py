@@ -255,6 +255,42 @@ def test_a_tracking_uri_in_a_prefect_secret_is_read_from_a_server_that_answers(t
     assert "Traceback" not in printed
 
 
+LAUNCH_THEN_SHARE = """
+import sys
+from flows import server
+with server.launched_for(True):
+    launched_with_server_module = "prefect.server.api.server" in sys.modules
+with server.shared_prefect_server():
+    from prefect import get_client
+    from prefect.server.api.server import SubprocessASGIServer
+    from prefect.settings import PREFECT_API_URL
+    held = SubprocessASGIServer()
+    with get_client(sync_client=True) as client:
+        healthy = client.api_healthcheck() is None
+    same_url = PREFECT_API_URL.value() == held.api_url
+    print(launched_with_server_module, held.running, same_url, healthy, held.port)
+"""
+
+
+def test_the_temporary_server_launches_without_prefects_server_code_and_prefect_then_holds_it(
+    tmp_path: Path,
+) -> None:
+    """`adaptflow run` launches the temporary server without importing Prefect's server module (1.6-1.8
+    s, flows/server.py), and hands it to Prefect's own record once the flow is about to start: the
+    flow's settings point at it, a Prefect client reaches it, and it stops when the process exits."""
+    env = {key: value for key, value in os.environ.items() if key != "PREFECT_API_URL"}
+    env["PREFECT_HOME"] = str(tmp_path / "prefect")
+    command = [sys.executable, "-c", LAUNCH_THEN_SHARE]
+    done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    imported, held, same_url, healthy, port = done.stdout.split()
+    assert (imported, held, same_url, healthy) == ("False", "True", "True", "True")
+    left = time.time() + 30
+    while _port_open(int(port)):
+        assert time.time() < left, f"the temporary server on port {port} outlived its process"
+        time.sleep(0.2)
+
+
 def _run_command(uri: str) -> list[str]:
     return [sys.executable, "-m", "adaptflow.cli", "run", str(DEMO), *ARGS, "--tracking-uri", uri]
 
