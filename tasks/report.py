@@ -64,9 +64,9 @@ def log_evaluation(
 ) -> Result:
     """A child run with the tags, params, metrics and artifacts a comparison needs.
 
-    Metrics come last: a run with `acc` has all its artifacts, and a run that fails on the way ends
-    FAILED. The weights stay in the logged model (`model_run_id`, `model_uri` tags), and the training
-    curves in its model run, each stored once.
+    Params and metrics come last, in one call: a run with `acc` has all its artifacts, and a run that
+    fails on the way ends FAILED. The weights stay in the logged model (`model_run_id`, `model_uri`
+    tags), and the training curves in its model run, each stored once.
     """
     name = f"{setup.label}·{target}·{shots}shot·seed{seed}"
     tags = {
@@ -89,11 +89,6 @@ def log_evaluation(
     client = study.client
     run_id = start_child_run(study, name, {**tags, "model_run_id": model.run_id, "model_uri": model.uri})
     try:
-        params = {
-            **applicable_params(spec, modality, one_algorithm=True),
-            **{f"hparams.{k}": v for k, v in setup.resolved_hparams().items()},
-        }
-        log_flat(client, run_id, params=params)
         log_yaml(client, run_id, spec.model_dump(mode="json"), "spec.yaml")
         with tempfile.TemporaryDirectory() as folder:
             episodes = Path(folder) / EPISODES_ARTIFACT
@@ -102,6 +97,10 @@ def log_evaluation(
         log_flat(
             client,
             run_id,
+            params={
+                **applicable_params(spec, modality, one_algorithm=True),
+                **{f"hparams.{k}": v for k, v in setup.resolved_hparams().items()},
+            },
             metrics={
                 "acc": evaluation.acc,
                 "acc_ci95": evaluation.acc_ci95,

@@ -288,12 +288,14 @@ def start_child_run(study: StudyRun, name: str, tags: dict[str, str]) -> str:
 
 def _create_run(client: MlflowClient, experiment_id: str, name: str, tags: dict[str, str]) -> str:
     """A new run. Inside a Prefect task, the runs an earlier attempt of the same task run left (a retry
-    after a transient error) are deleted first, so a retry never logs a run twice."""
+    after a transient error) are deleted first, so a retry never logs a run twice; a first attempt
+    has none to look for."""
     attempt = task_run.id
     if attempt:
         tags = {**tags, TASK_RUN_TAG: attempt}
-        for run in client.search_runs([experiment_id], f"tags.{TASK_RUN_TAG} = '{attempt}'"):
-            client.delete_run(run.info.run_id)
+        if task_run.run_count > 1:
+            for run in client.search_runs([experiment_id], f"tags.{TASK_RUN_TAG} = '{attempt}'"):
+                client.delete_run(run.info.run_id)
     return client.create_run(experiment_id, run_name=name, tags=_tags(tags)).info.run_id
 
 
@@ -306,18 +308,20 @@ def log_flat(
     curves: dict[str, list[tuple[int, float]]] | None = None,
     tags: dict[str, str] | None = None,
 ) -> None:
-    """Params, single metrics, metric curves (step, value) and tags, in as few calls as MLflow allows."""
+    """Params, single metrics, metric curves (step, value) and tags, in as few calls as MLflow allows:
+    each `log_batch` takes at most 100 params, 100 tags and 1,000 entries in all."""
     now = int(time.time() * 1000)
     entries = [Metric(_key(key), float(value), now, 0) for key, value in (metrics or {}).items()]
     for key, points in (curves or {}).items():
         entries += [Metric(_key(key), float(value), now, step) for step, value in points]
     param_entries = [Param(_key(k), redact(str(v))[:MAX_PARAM_LENGTH]) for k, v in (params or {}).items()]
-    for chunk in _chunks(param_entries, 100):
-        client.log_batch(run_id, params=chunk)
-    for chunk in _chunks([RunTag(k, v) for k, v in _tags(tags or {}).items()], 100):
-        client.log_batch(run_id, tags=chunk)
-    for chunk in _chunks(entries, 1000):
-        client.log_batch(run_id, metrics=chunk)
+    tag_entries = [RunTag(k, v) for k, v in _tags(tags or {}).items()]
+    while param_entries or tag_entries or entries:
+        batch_params, param_entries = param_entries[:100], param_entries[100:]
+        batch_tags, tag_entries = tag_entries[:100], tag_entries[100:]
+        room = 1000 - len(batch_params) - len(batch_tags)
+        batch_metrics, entries = entries[:room], entries[room:]
+        client.log_batch(run_id, metrics=batch_metrics, params=batch_params, tags=batch_tags)
 
 
 def _tags(tags: dict[str, Any]) -> dict[str, str]:
@@ -329,11 +333,6 @@ def _key(name: str) -> str:
     """A name MLflow accepts as a key on every platform (spec keys such as data.domains.<name>
     come from users): other characters become `_`, and it is cut at MLflow's 250 characters."""
     return re.sub(r"[^\w.\-/ ]", "_", name)[:MAX_KEY_LENGTH]
-
-
-def _chunks(items: list[Any], size: int) -> list[list[Any]]:
-    """MLflow's log_batch takes at most 100 params, 100 tags and 1,000 metrics per call."""
-    return [items[start : start + size] for start in range(0, len(items), size)]
 
 
 def log_yaml(client: MlflowClient, run_id: str, value: Any, name: str) -> None:
