@@ -220,9 +220,16 @@ def _load(spec_path: str, overrides: list[str]) -> StudySpec:
     """The spec with its overrides, its data paths, columns and domain names checked.
 
     Called before Prefect and MLflow are imported, each check after only what it needs, so that a
-    spec or data-file error is reported in a second or three rather than ten. An override holding a
-    credential is refused by `validate` and `run` alike, since `run` hands overrides to Prefect,
-    which stores them as flow parameters."""
+    spec or data-file error is reported in a second or three rather than ten: first what needs
+    neither PyTorch nor `datasets` (`_precheck`), then the rest (`_check_components`)."""
+    _precheck(spec_path, overrides)
+    return _check_components(spec_path, overrides)
+
+
+def _precheck(spec_path: str, overrides: list[str]) -> None:
+    """The spec's checks that need neither PyTorch nor `datasets` (a fraction of a second): its
+    fields, a credential in an override (refused by `validate` and `run` alike, since `run` hands
+    overrides to Prefect, which stores them as flow parameters), local paths and Parquet columns."""
     secret = [repr(redact(item)) for item in overrides if has_secret(item)]
     if secret:
         raise StudyError(
@@ -230,14 +237,21 @@ def _load(spec_path: str, overrides: list[str]) -> StudySpec:
             "flow parameter. Put the value in the spec file, or the credential in the environment "
             "(e.g. HF_TOKEN, AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, MLFLOW_TRACKING_PASSWORD)."
         )
-    from tasks.loading import check_local_paths, check_parquet_columns, load_domains
+    from tasks.loading import check_local_paths, check_parquet_columns
 
     spec = load_spec(spec_path, overrides, components=False)  # all but what needs PyTorch
     domains = [*spec.source, *spec.target]
     check_local_paths(spec.data, domains)  # a mistyped local path, before anything heavy loads
     check_parquet_columns(spec.data, domains)  # columns and domain names of local Parquet: pyarrow
-    spec = load_spec(spec_path, overrides)  # the algorithms' hyperparameters: PyTorch
-    load_domains(spec.data, domains)  # columns and domain names of any source: `datasets`
+
+
+def _check_components(spec_path: str, overrides: list[str]) -> StudySpec:
+    """The spec with the algorithms' hyperparameters checked (PyTorch), and the columns and domain
+    names of any data source (`datasets`)."""
+    from tasks.loading import load_domains
+
+    spec = load_spec(spec_path, overrides)
+    load_domains(spec.data, [*spec.source, *spec.target])
     return spec
 
 
@@ -251,19 +265,21 @@ def _run(
     verbose: bool = False,
 ) -> int:
     """Runs the study of a spec; with `model_uri`, evaluates that saved model on the spec's targets."""
-    spec = _load(spec_path, overrides)  # before the heavy imports: see _load
     from tasks.allocator import keep_freed_memory
 
     keep_freed_memory()  # before Prefect starts the threads that run tasks: see tasks/allocator.py
+    _precheck(spec_path, overrides)  # before the heavy imports, and before a server starts: see _load
     from prefect.settings import get_current_settings
 
     from flows.server import launched_for, shared_prefect_server
 
     running = None if get_current_settings().api.url else _ui_prefect_api()
     uri = tracking_uri or settings.default_tracking_uri()
-    # the server boots on another core while the study imports and checks; a tracking URI kept in a
-    # Prefect Secret is read from Prefect during the checks, so then Prefect starts it as it needs it
+    # the server boots on another core while the study imports PyTorch and the rest and checks the
+    # spec and data; a tracking URI kept in a Prefect Secret is read from Prefect during the checks,
+    # so then Prefect starts it as it needs it
     with launched_for(running is None and not uri.startswith(settings.SECRET_PREFIX)):
+        spec = _check_components(spec_path, overrides)
         from flows.evaluate import evaluate_saved_model
         from flows.study import study, task_runner, validate_study
         from tasks.report import format_table

@@ -2,9 +2,10 @@
 
 Without PREFECT_API_URL, every process that talks to Prefect starts its own temporary server (a cold
 start each, several seconds), task-runner workers included. `adaptflow run` launches the one its flow
-would start as soon as the spec has passed its checks, so that the server boots on another core while
-the study's modules import and its data is checked (`launched_for`), and waits for it only when the
-flow starts (docs/benchmarks.md measures the gain). Until then, this module imports no more of Prefect
+would start as soon as the spec has passed the checks that need neither PyTorch nor `datasets`, so
+that the server boots on another core while PyTorch and the study's modules import and the spec and
+data are checked (`launched_for`), and waits for it only when the flow starts (docs/benchmarks.md
+measures the gain). Until then, this module imports no more of Prefect
 than its settings: not Prefect's server, which this process does not run.
 
 The server runs in a process group of its own: Ctrl-C in a terminal signals the whole foreground
