@@ -21,13 +21,10 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-import matplotlib
-import matplotlib.pyplot as plt
 import optuna
 import torch
 from optuna.distributions import BaseDistribution, CategoricalDistribution, FloatDistribution, IntDistribution
 from optuna.trial import FrozenTrial, TrialState
-from optuna.visualization import matplotlib as optuna_plots
 from prefect import task
 
 from adaptflow.errors import StudyError
@@ -42,12 +39,12 @@ from metalib.training import NonFiniteLoss
 from tasks import stopping
 from tasks.allocator import keep_freed_memory
 from tasks.caching import stable_token
+from tasks.plots import pyplot
 from tasks.prepare import Pool, PreparedData
 from tasks.run_states import OWNER_TAG, dead_here, owner
 from tasks.tracking import StudyRun, log_file, log_flat, start_child_run
 from tasks.train import LearnerSetup, source_episodes
 
-matplotlib.use("Agg")
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
 # How every table names a searched configuration: the selection rule, never the target.
@@ -402,6 +399,9 @@ def chosen(study: optuna.Study, search: SearchSpec, label: str) -> Searched:
 
 def log_search_plots(run: StudyRun, study: optuna.Study, label: str) -> None:
     """Optuna's optimisation history and parameter importances as images on the study run."""
+    plt = pyplot()  # before optuna's plots import it, so that they draw with Agg too
+    from optuna.visualization import matplotlib as optuna_plots
+
     complete = [trial for trial in study.get_trials(deepcopy=False) if trial.state == TrialState.COMPLETE]
     plots = {"history": optuna_plots.plot_optimization_history}
     if len(complete) >= 2:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import csv
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -12,7 +14,7 @@ from prefect.client.orchestration import get_client
 
 from adaptflow.cli import main
 from adaptflow.errors import StudyError
-from tests.conftest import DEMO
+from tests.conftest import DEMO, ROOT
 
 pytestmark = pytest.mark.slow
 
@@ -223,3 +225,15 @@ def test_a_saved_model_evaluated_again_scores_what_its_study_scored(
     logged_model = studied[0].data.tags["model_uri"]  # models:/<model id>
     assert main(["evaluate", logged_model, "--spec", "studies/digits.yaml", "--tracking-uri", uri]) == 2
     assert "the model takes inputs of shape (800,)" in capsys.readouterr().err
+
+
+def test_a_study_loads_no_plotting_library_until_it_draws() -> None:
+    """pyplot takes 0.4 s to import and a cached rerun draws nothing, so the study's modules leave it
+    to the first figure (tasks/plots.py:pyplot), which then draws to files (Agg), not to a screen."""
+    probe = (
+        "import sys, flows.study, flows.evaluate, tasks.report; from tasks.plots import pyplot; "
+        "loaded = 'matplotlib.pyplot' in sys.modules; print(loaded, pyplot().get_backend().lower())"
+    )
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=ROOT)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["False", "agg"]
