@@ -1,0 +1,38 @@
+#!/bin/bash
+# Cached reruns of the demo study under two checkouts, alternating, on one machine: which is faster?
+#
+#   benchmarks/rerun_ab.sh OLD_CHECKOUT NEW_CHECKOUT [ROUNDS]     (e.g. a `git worktree` of the old commit)
+#
+# Each checkout first runs `adaptflow run studies/demo.yaml` (--workers 1) once in a project folder of its
+# own (a new ADAPTFLOW_HOME and PREFECT_HOME under $TMPDIR), which fills its caches; then ROUNDS (default
+# 4) cached reruns of each, alternating old and new, each from a copy of the MLflow store as the first run
+# left it (so that the store does not grow from one rerun to the next). Prints the wall time of each whole
+# command and the "study took" it printed. Uses this project's .venv; each checkout's own code runs
+# (`python -m adaptflow.cli` from the checkout). Results: docs/benchmarks.md.
+set -euo pipefail
+old=$(realpath "$1"); new=$(realpath "$2"); rounds=${3:-4}
+python=$(realpath "$(dirname "$0")/../.venv/bin/python")
+export DO_NOT_TRACK=1 MLFLOW_DISABLE_TELEMETRY=true PREFECT_SERVER_ANALYTICS_ENABLED=false
+export HF_DATASETS_OFFLINE=1 HF_HUB_OFFLINE=1
+unset PREFECT_API_URL PYTHONPATH MLFLOW_TRACKING_URI
+work=$(mktemp -d)
+run() {  # checkout, home, label
+    local started ended
+    started=$(date +%s.%N)
+    (cd "$1" && ADAPTFLOW_HOME="$2" PREFECT_HOME="$2/prefect" "$python" -m adaptflow.cli run studies/demo.yaml \
+        --tracking-uri "sqlite:///$2/mlflow.db" > "$2/$3.log" 2>&1)
+    ended=$(date +%s.%N)
+    echo "$3: $(echo "$ended - $started" | bc | cut -c1-5) s, $(grep -o 'study took [0-9.]* s' "$2/$3.log"), load $(cut -d' ' -f1-3 /proc/loadavg)"
+}
+for side in old new; do
+    mkdir -p "$work/$side"
+    run "${!side}" "$work/$side" "$side fresh"
+    cp "$work/$side/mlflow.db" "$work/$side/first.db"
+done
+for round in $(seq "$rounds"); do
+    for side in old new; do
+        cp "$work/$side/first.db" "$work/$side/mlflow.db"
+        run "${!side}" "$work/$side" "$side cached $round"
+    done
+done
+rm -rf "$work"
