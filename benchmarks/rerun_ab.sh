@@ -11,7 +11,7 @@
 # (`python -m adaptflow.cli` from the checkout). Results: docs/benchmarks.md.
 set -euo pipefail
 old=$(realpath "$1"); new=$(realpath "$2"); rounds=${3:-4}
-python=$(realpath "$(dirname "$0")/../.venv/bin/python")
+python="$(cd "$(dirname "$0")/.." && pwd)/.venv/bin/python"  # not realpath: the venv's link
 export DO_NOT_TRACK=1 MLFLOW_DISABLE_TELEMETRY=true PREFECT_SERVER_ANALYTICS_ENABLED=false
 export HF_DATASETS_OFFLINE=1 HF_HUB_OFFLINE=1
 unset PREFECT_API_URL PYTHONPATH MLFLOW_TRACKING_URI
