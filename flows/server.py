@@ -11,7 +11,9 @@ than its settings: not Prefect's server, which this process does not run.
 The server runs in a process group of its own: Ctrl-C in a terminal signals the whole foreground
 group, and a server stopped with the study would leave the interrupted flow retrying it for minutes to
 record how it ended. It is stopped when this process exits (Prefect's own `stop`, at exit), and, on
-Linux, also when this process is killed.
+Linux, also when this process is killed. One exception: with a tracking URI in a Prefect Secret, the
+checks read the Secret through Prefect, which starts the server itself, in the study's process group
+and without the death signal.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import prefect
 from prefect.settings import PREFECT_API_URL, get_current_settings, temporary_settings
@@ -91,7 +93,7 @@ def _ephemeral() -> bool:
 @dataclass
 class _Launched:
     """The temporary server this process launched: its port and process, until Prefect's own record
-    of it (`_adopted`) takes them over."""
+    of it takes them over (`_prefect_server`)."""
 
     port: int
     process: subprocess.Popen[bytes]
@@ -108,15 +110,15 @@ def _launch() -> None:
     boots that much sooner while the study imports. The command is the one that class runs
     (`_run_uvicorn_command`, Prefect 3.x)."""
     global _launched
-    if _launched is None:
+    if _launched is None and not _held_by_prefect():
         _launched = _Launched(*_spawn())
         atexit.register(_stop_launched)  # unless Prefect's record takes it over (its stop, at exit)
 
 
 def _spawn() -> tuple[int, subprocess.Popen[bytes]]:
-    """Prefect's temporary server on a free loopback port, in a process group of its own
-    (`_new_processes_in_own_group`): its `create_app`, no UI, marked ephemeral, with this process's
-    Prefect settings."""
+    """Prefect's temporary server on a free loopback port: its `create_app`, no UI, marked ephemeral,
+    with this process's Prefect settings. In a process group of its own (POSIX), so that Ctrl-C does
+    not stop it under the interrupted flow, and stopped when this process dies (`_stopped_with_parent`)."""
     port = _free_port()
     command = [
         *(sys.executable, "-m", "uvicorn", "--app-dir", str(prefect.__module_path__.parent)),
@@ -128,8 +130,10 @@ def _spawn() -> tuple[int, subprocess.Popen[bytes]]:
         **{"PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1", "PREFECT__SERVER_FINAL": "1"},
         **get_current_settings().to_environment_variables(exclude_unset=True),
     }
-    with _new_processes_in_own_group():
+    if os.name != "posix":  # process groups and the death signal are POSIX's
         return port, subprocess.Popen(command, env=environment)
+    death_signal = _stopped_with_parent()
+    return port, subprocess.Popen(command, env=environment, process_group=0, preexec_fn=death_signal)
 
 
 def _free_port() -> int:
@@ -145,6 +149,13 @@ def _free_port() -> int:
     raise RuntimeError(f"no free port for Prefect's temporary server in {PORTS[0]}-{PORTS[-1]}")
 
 
+def _held_by_prefect() -> bool:
+    """Whether Prefect's record holds a running temporary server already (an earlier study of this
+    process, or Prefect's own clients). Its module is loaded once one was, so this imports nothing."""
+    module = sys.modules.get("prefect.server.api.server")
+    return module is not None and module.SubprocessASGIServer().running
+
+
 def _prefect_server() -> SubprocessASGIServer:
     """Prefect's record of its temporary server, holding the one to use: one Prefect's own clients
     started already (the checks read a Prefect Secret), else the one this process launched, launched
@@ -154,7 +165,7 @@ def _prefect_server() -> SubprocessASGIServer:
 
     global _launched
     server = SubprocessASGIServer()
-    if server.running:
+    if server.running:  # none was launched here, unless Prefect's clients started one meanwhile
         _stop_launched()
         return server
     _launch()
@@ -201,11 +212,6 @@ def _wait_until_up(server: SubprocessASGIServer, timeout: float) -> None:
             time.sleep(0.1)
 
 
-class _OwnGroupPopen(subprocess.Popen):  # type: ignore[type-arg]
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, process_group=0, preexec_fn=_stopped_with_parent(), **kwargs)
-
-
 PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 
@@ -225,20 +231,3 @@ def _stopped_with_parent() -> Callable[[], None] | None:
             os.kill(os.getpid(), signal.SIGTERM)
 
     return set_death_signal
-
-
-@contextmanager
-def _new_processes_in_own_group() -> Iterator[None]:
-    """Processes started meanwhile get a process group of their own, and stop with this process even
-    when it is killed (`_stopped_with_parent`). Prefect's temporary server is started by a private
-    method of its class with no option for this, so `subprocess.Popen` is swapped for the moment of its
-    start, in the main thread."""
-    if os.name != "posix":  # process groups are POSIX's
-        yield
-        return
-    popen = subprocess.Popen
-    subprocess.Popen = _OwnGroupPopen  # type: ignore[misc]
-    try:
-        yield
-    finally:
-        subprocess.Popen = popen  # type: ignore[misc]

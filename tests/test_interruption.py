@@ -260,6 +260,7 @@ import sys
 from flows import server
 with server.launched_for(True):
     launched_with_server_module = "prefect.server.api.server" in sys.modules
+    launched = server._launched.process.pid
 with server.shared_prefect_server():
     from prefect import get_client
     from prefect.server.api.server import SubprocessASGIServer
@@ -268,7 +269,11 @@ with server.shared_prefect_server():
     with get_client(sync_client=True) as client:
         healthy = client.api_healthcheck() is None
     same_url = PREFECT_API_URL.value() == held.api_url
-    print(launched_with_server_module, held.running, same_url, healthy, held.port)
+with server.launched_for(True):  # a second study of the same process
+    none_launched = server._launched is None
+with server.shared_prefect_server():
+    again = none_launched and SubprocessASGIServer().server_process.pid == launched
+print(launched_with_server_module, held.server_process.pid == launched, same_url, healthy, again, launched)
 """
 
 
@@ -276,19 +281,30 @@ def test_the_temporary_server_launches_without_prefects_server_code_and_prefect_
     tmp_path: Path,
 ) -> None:
     """`adaptflow run` launches the temporary server without importing Prefect's server module (1.6-1.8
-    s, flows/server.py), and hands it to Prefect's own record once the flow is about to start: the
-    flow's settings point at it, a Prefect client reaches it, and it stops when the process exits."""
+    s, flows/server.py), and hands that process to Prefect's own record once the flow is about to
+    start: the flow's settings point at it, a Prefect client reaches it, a second study in the same
+    process uses it rather than launching another, and it stops when the process exits."""
+    if not sys.platform.startswith("linux"):
+        pytest.skip("reads the server's command line from /proc")
     env = {key: value for key, value in os.environ.items() if key != "PREFECT_API_URL"}
     env["PREFECT_HOME"] = str(tmp_path / "prefect")
     command = [sys.executable, "-c", LAUNCH_THEN_SHARE]
     done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
-    imported, held, same_url, healthy, port = done.stdout.split()
-    assert (imported, held, same_url, healthy) == ("False", "True", "True", "True")
+    *checks, pid = done.stdout.split()
+    assert checks == ["False", "True", "True", "True", "True"]
     left = time.time() + 30
-    while _port_open(int(port)):
-        assert time.time() < left, f"the temporary server on port {port} outlived its process"
+    while _is_server(pid):
+        assert time.time() < left, f"the temporary server (pid {pid}) outlived its process"
         time.sleep(0.2)
+
+
+def _is_server(pid: str) -> bool:
+    """Whether process `pid` runs a Prefect server (`create_app`), not some later process that got its pid."""
+    try:
+        return b"create_app" in Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:  # it has ended
+        return False
 
 
 def _run_command(uri: str) -> list[str]:
