@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -234,6 +235,7 @@ def test_a_study_loads_no_plotting_library_until_it_draws() -> None:
         "import sys, flows.study, flows.evaluate, tasks.report; from tasks.plots import pyplot; "
         "loaded = 'matplotlib.pyplot' in sys.modules; print(loaded, pyplot().get_backend().lower())"
     )
-    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=ROOT)
+    env = {**os.environ, "MPLBACKEND": "svg"}  # not Agg: the probe must set Agg itself
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=ROOT, env=env)
     assert done.returncode == 0, done.stderr
     assert done.stdout.split() == ["False", "agg"]
