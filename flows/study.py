@@ -254,26 +254,29 @@ def log_study(plan: StudyPlan, run: StudyRun, pending: list[PendingEvaluation], 
                 where = f"{item.setup.label} seed {item.seed} on {item.target}, {item.shots} shots"
                 failures.append(f"evaluating {where}: {error_of(item.evaluation)}")
                 continue
-            logged.append(
-                log_evaluation(
-                    run,
-                    plan.spec,
-                    item.setup,
-                    item.trained,
-                    item.evaluation,
-                    seed=item.seed,
-                    target=item.target,
-                    shots=item.shots,
-                    flow_run_id=flow_run_id,
-                    modality=plan.prepared.modality,
-                    cached=item.evaluation.state.name == "Cached",
-                    model=model,
-                    search_tags=plan.searches[item.setup.label].tags()
-                    if item.setup.label in plan.searches
-                    else None,
-                    return_state=True,  # a failure is raised below, once the others are logged
-                )
+            state = log_evaluation(
+                run,
+                plan.spec,
+                item.setup,
+                item.trained,
+                item.evaluation,
+                seed=item.seed,
+                target=item.target,
+                shots=item.shots,
+                flow_run_id=flow_run_id,
+                modality=plan.prepared.modality,
+                cached=item.evaluation.state.name == "Cached",
+                model=model,
+                search_tags=plan.searches[item.setup.label].tags()
+                if item.setup.label in plan.searches
+                else None,
+                return_state=True,  # a failure is raised below, once the others are logged
             )
+            error = state.result(raise_on_failure=False) if state.is_failed() else None
+            stopped = interruption_behind(error) if isinstance(error, BaseException) else None
+            if stopped is not None:  # an interruption the log task's error replaced: stop now
+                raise stopped
+            logged.append(state)
     return Logged([state.result() for state in logged], failures)
 
 

@@ -37,6 +37,7 @@ from adaptflow.errors import StudyError
 from adaptflow.redact import has_secret, redact, redact_value
 from adaptflow.settings import SECRET_PREFIX, default_tracking_uri
 from adaptflow.spec import DataSpec, DomainSource, StudySpec, applicable_params
+from tasks.stopping import interruption_behind
 
 MAX_PARAM_LENGTH = 6000  # MLflow's limits on a param's value and on any key
 MAX_KEY_LENGTH = 250
@@ -170,8 +171,12 @@ def _http_status(error: BaseException) -> int | None:
 
 
 def retry_transient(task: Task[Any, Any], run: TaskRun, state: State[Any]) -> bool:
-    """Prefect's retry_condition_fn: retry a logging task only when it failed on a transient error."""
-    return isinstance(state.data, BaseException) and is_transient(state.data)
+    """Prefect's retry_condition_fn: retry a logging task only when it failed on a transient error, and
+    never when the failure hides an interruption (SIGTERM landing inside a sqlite call leaves that
+    connection holding the store's lock, so every retry fails "database is locked" and the study
+    waits out the retries instead of stopping)."""
+    error = state.data
+    return isinstance(error, BaseException) and interruption_behind(error) is None and is_transient(error)
 
 
 # Task options of every task that logs to MLflow: up to 4 retries, 2, 4, 8 and 16 s apart (+-50%),

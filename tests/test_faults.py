@@ -36,6 +36,7 @@ from prefect.client.schemas.filters import (
 )
 from prefect.client.schemas.objects import FlowRun, TaskRun
 from prefect.client.schemas.sorting import FlowRunSort
+from prefect.exceptions import TerminationSignal
 from prefect.states import Failed, Pending, Running
 
 from adaptflow.cli import main
@@ -49,6 +50,7 @@ from tasks.tracking import (
     ensure_experiment,
     is_transient,
     resolve_tracking_uri,
+    retry_transient,
     start_study_run,
     tracking_store,
 )
@@ -382,3 +384,29 @@ def test_a_training_a_worker_took_is_not_cut_off_by_the_pickup_timeout(
     with pytest.raises(RuntimeError, match=r"training run .* of train/idle ended Failed"):
         train_on_pool.fn(idle_pool, spec, 0, 0)
     thread.join(10)
+
+
+def test_a_logging_task_hiding_an_interruption_is_not_retried(tmp_path: Path) -> None:
+    """SIGTERM (Prefect's TerminationSignal) landing inside a sqlite call leaves that connection holding
+    the store's lock, and the task fails "database is locked" while handling it: a transient error,
+    but retrying it only waits out the retries with the lock still held (seen in CI: the study did not
+    stop). A locked store alone is still retried."""
+    database = tmp_path / "locked.db"
+    holder = sqlite3.connect(database)
+    holder.execute("create table t (x)")
+    holder.execute("begin exclusive")
+
+    def locked() -> None:
+        sqlite3.connect(database, timeout=0).execute("select * from t")
+
+    with pytest.raises(sqlite3.OperationalError) as alone:
+        locked()
+    with pytest.raises(sqlite3.OperationalError) as behind_a_signal:
+        try:
+            raise TerminationSignal(signal=15)
+        except TerminationSignal:
+            locked()
+    holder.close()
+    task, run = log_failed_training, None
+    assert retry_transient(task, run, Failed(data=alone.value))  # type: ignore[arg-type]
+    assert not retry_transient(task, run, Failed(data=behind_a_signal.value))  # type: ignore[arg-type]
