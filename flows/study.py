@@ -11,7 +11,6 @@ import gc
 import os
 import signal
 import time
-import traceback
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -40,7 +39,7 @@ from tasks.progress import StudyProgress
 from tasks.report import Result, log_evaluation, report_study
 from tasks.run_states import OWNER_TAG, end_stale_runs, owner
 from tasks.search import Searched
-from tasks.stopping import STOP_REQUESTED, exception_chain, interruption_behind
+from tasks.stopping import STOP_REQUESTED, interruption_behind, release_frames
 from tasks.tracking import StudyRun, is_transient, start_study_run, study_datasets, tracking_store
 from tasks.train import LearnerSetup, TrainedModel, check_pool_spec, train_model, train_on_pool
 
@@ -322,18 +321,6 @@ def end(run: StudyRun, status: str, attempts: int = 6) -> None:
             time.sleep(0.5 * 2**attempt)
 
 
-def release_interrupted_frames(error: BaseException) -> None:
-    """Drops the local variables of the frames an interruption passed through (and of those of the
-    exceptions chained to it). Python raises a signal's exception between any two bytecodes, also
-    inside SQLAlchemy's cleanup of an MLflow session, and that session's sqlite connection, then
-    referenced only from those frames (most likely), keeps the store locked until the process exits:
-    the study's own write that ends its run KILLED failed with "database is locked"
-    (tests/test_interruption.py, docs/reliability.md)."""
-    for link in exception_chain(error):
-        traceback.clear_frames(link.__traceback__)  # skips the frames still running (this one's callers)
-    gc.collect()
-
-
 @contextmanager
 def ended_if_stopped(run: StudyRun) -> Iterator[None]:
     """Ends the MLflow parent run (unless it has ended) FAILED if the block raises, KILLED if it is
@@ -351,7 +338,7 @@ def ended_if_stopped(run: StudyRun) -> Iterator[None]:
             end(run, "FAILED")
             raise
         STOP_REQUESTED.set()
-        release_interrupted_frames(error)
+        release_frames(error)
         try:
             end(run, "KILLED")
         except Exception as exc:  # the interruption is what the user must see; the next study ends it

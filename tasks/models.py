@@ -34,7 +34,15 @@ from adaptflow.errors import StudyError
 from metalib import TrainingHistory
 from tasks.caching import stable_token
 from tasks.plots import learning_curve
-from tasks.tracking import TRANSIENT_RETRIES, StudyRun, log_file, log_flat, open_store, start_child_run
+from tasks.tracking import (
+    TRANSIENT_RETRIES,
+    StudyRun,
+    ended_on_failure,
+    log_file,
+    log_flat,
+    open_store,
+    start_child_run,
+)
 from tasks.train import LearnerSetup, TrainedModel
 
 WEIGHTS, SETUP, HISTORY = "weights.pt", "setup.json", "history.json"
@@ -88,7 +96,7 @@ def log_model(
     }
     name = model_name(setup, seed, target)
     run_id = start_child_run(study, name, tags)
-    try:
+    with ended_on_failure(client, run_id):
         keep = ("algorithm", "algorithm_name", "seed", "target_domain")
         model = client.create_logged_model(
             study.experiment_id,
@@ -110,9 +118,6 @@ def log_model(
         log_training(client, run_id, trained, name)
         client.set_tag(run_id, MODEL_ID, model.model_id)
         register(study, ModelRef(run_id, model.model_id), model.artifact_location, model.tags)
-    except BaseException:
-        client.set_terminated(run_id, "FAILED")
-        raise
     client.set_terminated(run_id, "FINISHED")
     return ModelRef(run_id, model.model_id)
 

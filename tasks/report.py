@@ -18,7 +18,15 @@ from tasks.evaluate import Evaluation
 from tasks.models import ModelRef
 from tasks.summary import interval_caption, summarise
 from tasks.tables import accuracy_table, fit_to_terminal, terminal_width, to_markdown
-from tasks.tracking import TRANSIENT_RETRIES, StudyRun, log_file, log_flat, log_yaml, start_child_run
+from tasks.tracking import (
+    TRANSIENT_RETRIES,
+    StudyRun,
+    ended_on_failure,
+    log_file,
+    log_flat,
+    log_yaml,
+    start_child_run,
+)
 from tasks.train import LearnerSetup, TrainedModel
 
 EPISODES_ARTIFACT = "episode_accuracies.json"  # per-episode accuracies, for paired comparisons
@@ -88,7 +96,7 @@ def log_evaluation(
     }
     client = study.client
     run_id = start_child_run(study, name, {**tags, "model_run_id": model.run_id, "model_uri": model.uri})
-    try:
+    with ended_on_failure(client, run_id):
         log_yaml(client, run_id, spec.model_dump(mode="json"), "spec.yaml")
         with tempfile.TemporaryDirectory() as folder:
             episodes = Path(folder) / EPISODES_ARTIFACT
@@ -110,9 +118,6 @@ def log_evaluation(
                 "eval_seconds": evaluation.seconds,
             },
         )
-    except BaseException:
-        client.set_terminated(run_id, "FAILED")
-        raise
     client.set_terminated(run_id, "FINISHED")
     return Result(
         setup.label,

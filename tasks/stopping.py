@@ -8,7 +8,9 @@ checkpoints first) instead of after the task it was running. Worker processes (`
 are terminated instead (flows/study.py:StudyProcessPool).
 """
 
+import gc
 import threading
+import traceback
 from collections.abc import Iterator
 
 from prefect.exceptions import TerminationSignal
@@ -58,3 +60,15 @@ def interruption_behind(error: BaseException) -> BaseException | None:
         link for link in exception_chain(error) if isinstance(link, KeyboardInterrupt | TerminationSignal)
     )
     return next(interruptions, None)
+
+
+def release_frames(error: BaseException) -> None:
+    """Drops the local variables of the frames `error` passed through, and of those of the exceptions
+    chained to it. Python raises a signal's exception between any two bytecodes, also in the middle of
+    an MLflow query, and the query's sqlite statement, referenced from those frames, keeps the store
+    locked: a read's lock outlives the session's rollback. Every later write of this process then
+    waited out sqlite's 20 s busy timeout and failed "database is locked" (seen in CI;
+    docs/reliability.md)."""
+    for link in exception_chain(error):
+        traceback.clear_frames(link.__traceback__)  # skips the frames still running (this one's callers)
+    gc.collect()

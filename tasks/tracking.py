@@ -13,6 +13,7 @@ import contextlib
 import re
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -37,7 +38,7 @@ from adaptflow.errors import StudyError
 from adaptflow.redact import has_secret, redact, redact_value
 from adaptflow.settings import SECRET_PREFIX, default_tracking_uri
 from adaptflow.spec import DataSpec, DomainSource, StudySpec, applicable_params
-from tasks.stopping import interruption_behind
+from tasks.stopping import interruption_behind, release_frames
 
 MAX_PARAM_LENGTH = 6000  # MLflow's limits on a param's value and on any key
 MAX_KEY_LENGTH = 250
@@ -241,14 +242,10 @@ def start_study_run(
     study = StudyRun(
         tracking_uri, experiment_id, _create_run(client, experiment_id, name, {"kind": "study", **tags})
     )
-    try:
+    with ended_on_failure(client, study.run_id):  # a retry deletes it anyway
         log_flat(study.client, study.run_id, params=params)
         log_yaml(study.client, study.run_id, spec_yaml, "spec.yaml")
         study.client.log_inputs(study.run_id, datasets=datasets)
-    except BaseException:  # not left RUNNING (a retry deletes it anyway)
-        with contextlib.suppress(Exception):  # the server may be what failed
-            client.set_terminated(study.run_id, "FAILED")
-        raise
     return study
 
 
@@ -289,6 +286,24 @@ def study_datasets(spec: StudySpec, fingerprint: str, rows_per_domain: dict[str,
 def start_child_run(study: StudyRun, name: str, tags: dict[str, str]) -> str:
     """A new child run of the study's run (see `_create_run` for retries)."""
     return _create_run(study.client, study.experiment_id, name, {"mlflow.parentRunId": study.run_id, **tags})
+
+
+@contextlib.contextmanager
+def ended_on_failure(client: MlflowClient, run_id: str) -> Iterator[None]:
+    """Ends run `run_id` FAILED if the block raises, KILLED if the block was interrupted (Ctrl-C,
+    SIGTERM), so that no run is left RUNNING, then re-raises. An interruption inside one of the
+    block's queries left that query's sqlite statement holding the store's lock from the traceback,
+    and this write waited 20 s for it (`release_frames`); the store may also be what failed, so the
+    block's own error is what propagates."""
+    try:
+        yield
+    except BaseException as error:
+        interrupted = interruption_behind(error) is not None
+        if interrupted:
+            release_frames(error)
+        with contextlib.suppress(Exception):
+            client.set_terminated(run_id, "KILLED" if interrupted else "FAILED")
+        raise
 
 
 def _create_run(client: MlflowClient, experiment_id: str, name: str, tags: dict[str, str]) -> str:

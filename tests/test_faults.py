@@ -47,6 +47,7 @@ from tasks.models import log_failed_training
 from tasks.tracking import (
     TASK_RUN_TAG,
     StudyRun,
+    ended_on_failure,
     ensure_experiment,
     is_transient,
     resolve_tracking_uri,
@@ -410,3 +411,27 @@ def test_a_logging_task_hiding_an_interruption_is_not_retried(tmp_path: Path) ->
     task, run = log_failed_training, None
     assert retry_transient(task, run, Failed(data=alone.value))  # type: ignore[arg-type]
     assert not retry_transient(task, run, Failed(data=behind_a_signal.value))  # type: ignore[arg-type]
+
+
+def _interrupted_inside_a_query(database: Path) -> None:
+    """SIGTERM (Prefect's TerminationSignal) landing just after a query's first row: the statement,
+    referenced from this frame, holds the store's read lock, which a rollback does not release."""
+    reading = sqlite3.connect(database).execute("select run_uuid from runs, (select 1 union all select 2)")
+    assert reading.fetchone() is not None  # and a second row to come
+    raise TerminationSignal(signal=15)
+
+
+@pytest.mark.parametrize("interrupted", [True, False])
+def test_a_failed_or_interrupted_logging_block_ends_its_run(interrupted: bool, tmp_path: Path) -> None:
+    """A logging block that fails ends its run FAILED; one that is interrupted, KILLED, also when the
+    interruption landed inside one of its queries. Before, that query's lock made the write wait out
+    sqlite's 20 s busy timeout and fail "database is locked" (seen in CI), and the run stayed RUNNING."""
+    database = tmp_path / "mlflow.db"
+    client = MlflowClient(tracking_uri=f"sqlite:///{database}")
+    run_id = client.create_run(client.create_experiment("logging")).info.run_id
+    with pytest.raises(TerminationSignal if interrupted else ValueError):
+        with ended_on_failure(client, run_id):
+            if interrupted:
+                _interrupted_inside_a_query(database)
+            raise ValueError("a bad parameter")
+    assert client.get_run(run_id).info.status == ("KILLED" if interrupted else "FAILED")
