@@ -53,8 +53,8 @@ def accuracy_vs_shots(summary: pd.DataFrame, path: Path) -> Path:
     plt = pyplot()
     targets = list(dict.fromkeys(summary.target))
     names = list(dict.fromkeys(summary.algorithm))
-    palette = plt.get_cmap("tab10" if len(names) <= 10 else "tab20")
-    colours = {name: palette(i % palette.N) for i, name in enumerate(names)}
+    colours = dict(zip(names, distinct_colours(len(names)), strict=True))
+    band_alpha = 0.2 if len(names) <= 5 else 0.1  # many overlapping bands hide the lines
     figure, axes = plt.subplots(1, len(targets), figsize=(4.2 * len(targets), 3.6), squeeze=False)
     for axis, target in zip(axes[0], targets):
         for algorithm, rows in summary[summary.target == target].groupby("algorithm", sort=False):
@@ -62,17 +62,27 @@ def accuracy_vs_shots(summary: pd.DataFrame, path: Path) -> Path:
             colour = colours[algorithm]
             axis.plot(rows.shots, 100 * rows.acc, marker="o", label=algorithm, color=colour)
             low, high = 100 * (rows.acc - rows.ci95), 100 * (rows.acc + rows.ci95)
-            axis.fill_between(rows.shots, low, high, alpha=0.2, color=colour)
+            axis.fill_between(rows.shots, low, high, alpha=band_alpha, color=colour)
         axis.set_title(f"target: {target}")
         axis.set_xlabel("shots")
         axis.set_xticks(sorted(summary.shots.unique()))
         axis.grid(alpha=0.3)
     axes[0][0].set_ylabel("accuracy (%)")
-    axes[0][-1].legend(fontsize=8)
+    axes[0][-1].legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1))  # beside, not over, the lines
     figure.tight_layout()
-    figure.savefig(path, dpi=100)
+    figure.savefig(path, dpi=100, bbox_inches="tight")
     plt.close(figure)
     return path
+
+
+def distinct_colours(count: int) -> list[tuple[float, float, float, float]]:
+    """`count` colours, neighbours in different hues: tab10 up to 10; beyond, tab20's ten dark hues
+    first, then their light partners (tab20 in order pairs each hue with its light shade)."""
+    plt = pyplot()
+    if count <= 10:
+        return [plt.get_cmap("tab10")(i) for i in range(count)]
+    order = [*range(0, 20, 2), *range(1, 20, 2)]
+    return [plt.get_cmap("tab20")(order[i % 20]) for i in range(count)]
 
 
 def accuracy_heatmap(summary: pd.DataFrame, path: Path) -> Path:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import colorsys
 import dataclasses
 import json
 import math
@@ -23,6 +24,7 @@ from adaptflow.cli import main
 from adaptflow.errors import StudyError
 from flows.compare import compare_flow
 from tasks.compare import check_protocol, compare, paired_tests, render
+from tasks.plots import distinct_colours
 from tasks.report import format_table
 from tasks.tables import accuracy_table
 from tests.conftest import DEMO, TINY_TRAINING, cli_overrides, stop
@@ -448,3 +450,17 @@ def test_a_table_too_wide_for_the_terminal_gets_a_row_per_target(monkeypatch: py
     assert lines[1].startswith("books->x · protonet") and lines[2].startswith("books->x · finetune")
     monkeypatch.setenv("COLUMNS", "1000")  # wide enough: algorithms as rows, as before
     assert [line.split()[0] for line in format_table(summary).splitlines()[1:]] == ["protonet", "finetune"]
+
+
+@pytest.mark.parametrize("count", [3, 10, 13, 20])
+def test_the_accuracy_plot_gives_neighbouring_algorithms_different_hues(count: int) -> None:
+    """The every-learner study plots 13 learners. tab20 in its own order pairs each hue with its light
+    shade, so source_only and finetune (first and second) were two blues; now every colour differs
+    and neighbours in the legend differ in hue (greys aside, which have none)."""
+    colours = distinct_colours(count)
+    assert len(set(colours)) == count
+    hsv = [colorsys.rgb_to_hsv(*colour[:3]) for colour in colours]
+    for (hue, saturation, _), (next_hue, next_saturation, _) in zip(hsv, hsv[1:]):
+        if saturation > 0 and next_saturation > 0:
+            apart = abs(hue - next_hue)
+            assert min(apart, 1 - apart) > 0.06  # a tab20 hue and its light shade: 0.045 or less
