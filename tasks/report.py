@@ -73,8 +73,8 @@ def log_evaluation(
     """A child run with the tags, params, metrics and artifacts a comparison needs.
 
     Params and metrics come last, in one call: a run with `acc` has all its artifacts, and a run that
-    fails on the way ends FAILED. The weights stay in the logged model (`model_run_id`, `model_uri`
-    tags), and the training curves in its model run, each stored once.
+    fails on the way ends FAILED (KILLED if interrupted). The weights stay in the logged model
+    (`model_run_id`, `model_uri` tags), and the training curves in its model run, each stored once.
     """
     name = f"{setup.label}·{target}·{shots}shot·seed{seed}"
     tags = {

@@ -291,10 +291,10 @@ def start_child_run(study: StudyRun, name: str, tags: dict[str, str]) -> str:
 @contextlib.contextmanager
 def ended_on_failure(client: MlflowClient, run_id: str) -> Iterator[None]:
     """Ends run `run_id` FAILED if the block raises, KILLED if the block was interrupted (Ctrl-C,
-    SIGTERM), so that no run is left RUNNING, then re-raises. An interruption inside one of the
-    block's queries left that query's sqlite statement holding the store's lock from the traceback,
-    and this write waited 20 s for it (`release_frames`); the store may also be what failed, so the
-    block's own error is what propagates."""
+    SIGTERM), then re-raises the block's error. An interruption inside one of the block's queries
+    left that query's sqlite statement holding the store's lock from the traceback, and this write
+    waited 20 s for it (`release_frames`). The store may also be what failed: then this write's own
+    error is dropped (the block's error is the one a retry decides on) and the run stays RUNNING."""
     try:
         yield
     except BaseException as error:
