@@ -8,9 +8,9 @@ checkpoints first) instead of after the task it was running. Worker processes (`
 are terminated instead (flows/study.py:StudyProcessPool).
 """
 
+import contextlib
 import gc
 import threading
-import traceback
 from collections.abc import Iterator
 
 from prefect.exceptions import TerminationSignal
@@ -63,12 +63,20 @@ def interruption_behind(error: BaseException) -> BaseException | None:
 
 
 def release_frames(error: BaseException) -> None:
-    """Drops the local variables of the frames `error` passed through, and of those of the exceptions
-    chained to it. Python raises a signal's exception between any two bytecodes, also in the middle of
-    an MLflow query, and the query's sqlite statement, referenced from those frames, keeps the store
-    locked: a read's lock outlives the session's rollback. Every later write of this process then
-    waited out sqlite's 20 s busy timeout and failed "database is locked" (seen in CI;
-    docs/reliability.md)."""
+    """Frees the frames `error` passed through, and those of the exceptions chained to it. Python
+    raises a signal's exception between any two bytecodes, also in the middle of an MLflow query, and
+    the query's sqlite statement, referenced from those frames, keeps the store locked: a read's lock
+    outlives the session's rollback. Every later write of this process then waited out sqlite's 20 s
+    busy timeout and failed "database is locked" (seen in CI; docs/reliability.md).
+
+    Clearing the frames' local variables is not enough: a cleared frame keeps its function, and a
+    closure over the query's cursor with it (SQLAlchemy's loaders have such closures), and the head of
+    the traceback stays referenced while the interruption is handled (a `with` statement hands it to
+    `__exit__`). So each traceback entry is also cut from the next, which frees the inner frames."""
     for link in exception_chain(error):
-        traceback.clear_frames(link.__traceback__)  # skips the frames still running (this one's callers)
+        entry = link.__traceback__
+        while entry is not None:
+            with contextlib.suppress(RuntimeError):  # a frame still running: this one's callers
+                entry.tb_frame.clear()
+            entry.tb_next, entry = None, entry.tb_next
     gc.collect()

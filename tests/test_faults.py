@@ -44,6 +44,7 @@ from adaptflow.errors import StudyError
 from adaptflow.spec import load_spec
 from flows.study import study
 from tasks.models import log_failed_training
+from tasks.stopping import release_frames
 from tasks.tracking import (
     TASK_RUN_TAG,
     StudyRun,
@@ -411,6 +412,55 @@ def test_a_logging_task_hiding_an_interruption_is_not_retried(tmp_path: Path) ->
     task, run = log_failed_training, None
     assert retry_transient(task, run, Failed(data=alone.value))  # type: ignore[arg-type]
     assert not retry_transient(task, run, Failed(data=behind_a_signal.value))  # type: ignore[arg-type]
+
+
+def _store_locked(database: Path) -> bool:
+    """Whether another connection holds a lock on the sqlite file (no waiting)."""
+    probe = sqlite3.connect(database, timeout=0, isolation_level=None)
+    try:
+        probe.execute("begin exclusive")
+        probe.execute("rollback")
+        return False
+    except sqlite3.OperationalError:
+        return True
+    finally:
+        probe.close()
+
+
+def test_an_interruption_inside_an_eager_mlflow_read_leaves_the_store_unlocked(tmp_path: Path) -> None:
+    """Where a clean-clone suite's SIGTERM landed (its log kept): inside MLflow's `create_run`, while
+    SQLAlchemy set up the eager load of the experiment's tags, its first query's cursor open. That
+    cursor is held by a closure of a frame the interruption passed through, and the traceback's head
+    by the `with` statement handling it (as in flows/study.py:ended_if_stopped): clearing the frames'
+    locals left the store locked, and the study's KILLED write failed 6 times over 139 s.
+    `release_frames` must free it. The signal is raised at that call through a trace function."""
+    database = tmp_path / "mlflow.db"
+    client = MlflowClient(tracking_uri=f"sqlite:///{database}")
+    experiment_id = client.create_experiment("interrupted")
+    locked: list[bool] = []
+
+    @contextmanager
+    def handled() -> Iterator[None]:
+        try:
+            yield
+        except TerminationSignal as error:
+            locked.append(_store_locked(database))  # the read's lock, as in CI
+            release_frames(error)
+            locked.append(_store_locked(database))
+            raise
+
+    def signal_there(frame: Any, event: str, arg: Any) -> None:
+        if event == "call" and frame.f_code.co_name == "_generate_from_original_query":
+            sys.settrace(None)
+            raise TerminationSignal(signal=15)
+
+    sys.settrace(signal_there)
+    try:
+        with pytest.raises(TerminationSignal), handled():
+            client.create_run(experiment_id)
+    finally:
+        sys.settrace(None)
+    assert locked == [True, False], "no such call (SQLAlchemy changed?)" if not locked else locked
 
 
 def _interrupted_inside_a_query(database: Path) -> None:
