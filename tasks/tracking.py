@@ -173,9 +173,9 @@ def _http_status(error: BaseException) -> int | None:
 
 def retry_transient(task: Task[Any, Any], run: TaskRun, state: State[Any]) -> bool:
     """Prefect's retry_condition_fn: retry a logging task only when it failed on a transient error, and
-    never when the failure hides an interruption (SIGTERM landing inside a sqlite call leaves that
-    connection holding the store's lock, so every retry fails "database is locked" and the study
-    waits out the retries instead of stopping)."""
+    never when the failure hides an interruption: the study is stopping, and a retry only delays it
+    (in CI, a SIGTERM inside a sqlite call left the store locked and the study slept through the
+    retries, each failing "database is locked")."""
     error = state.data
     return isinstance(error, BaseException) and interruption_behind(error) is None and is_transient(error)
 
