@@ -285,13 +285,17 @@ def _run(
         from tasks.report import format_table
         from tasks.stopping import interruption_behind
         from tasks.summary import interval_caption
-        from tasks.tracking import check_reachable
+        from tasks.tracking import check_reachable, open_store
 
         if not verbose:
             settings.quiet_task_logs()  # after the imports above, which set up Prefect's console handler
 
-        check_reachable(_tracking_uri(uri))  # a tracking server that is down fails here, before data loads
+        store = _tracking_uri(uri)
+        check_reachable(store)  # a tracking server that is down fails here, before data loads
         validate_study(spec)  # fail fast, before a flow runs or MLflow is touched
+        # while the server boots: MLflow checks a local store's schema (about 1 s) and keeps the store
+        # for the flow's tasks in this process
+        open_store(store)
     if has_secret(uri):  # Prefect stores flow parameters: a URI with credentials goes by the environment
         os.environ["MLFLOW_TRACKING_URI"] = uri
     started = time.perf_counter()

@@ -5,15 +5,14 @@ start each, several seconds), task-runner workers included. `adaptflow run` laun
 would start as soon as the spec has passed the checks that need neither PyTorch nor `datasets`, so
 that the server boots on another core while PyTorch and the study's modules import and the spec and
 data are checked (`launched_for`), and waits for it only when the flow starts (docs/benchmarks.md
-measures the gain). Until then, this module imports no more of Prefect
-than its settings: not Prefect's server, which this process does not run.
+measures the gain). This process never imports Prefect's server: it only talks to it.
 
 The server runs in a process group of its own: Ctrl-C in a terminal signals the whole foreground
 group, and a server stopped with the study would leave the interrupted flow retrying it for minutes to
-record how it ended. It is stopped when this process exits (Prefect's own `stop`, at exit), and, on
-Linux, also when this process is killed. One exception: with a tracking URI in a Prefect Secret, the
-checks read the Secret through Prefect, which starts the server itself, in the study's process group
-and without the death signal.
+record how it ended. It is stopped when this process exits (asked to stop, and killed after 5 s, as
+Prefect stops its own), and, on Linux, also when this process is killed. One exception: with a
+tracking URI in a Prefect Secret, the checks read the Secret through Prefect, which starts the server
+itself, in the study's process group and without the death signal.
 """
 
 from __future__ import annotations
@@ -33,6 +32,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import prefect
+from prefect.context import refresh_global_settings_context
+from prefect.logging import get_logger
 from prefect.settings import PREFECT_API_URL, get_current_settings, temporary_settings
 
 if TYPE_CHECKING:
@@ -76,13 +77,29 @@ def shared_prefect_server(running: str | None = None) -> Iterator[None]:
     if not _ephemeral():
         yield
         return
-    server = _prefect_server()
-    from prefect.server.api.server import subprocess_server_logger
-
-    subprocess_server_logger.info(f"Starting temporary server on {server.address}")
-    _wait_until_up(server, get_current_settings().server.ephemeral.startup_timeout_seconds)
-    with temporary_settings(updates={PREFECT_API_URL: server.api_url}):
+    held = _held_by_prefect()
+    if held is not None:  # Prefect's clients started one (the checks read a Prefect Secret): use it
+        _stop_launched()
+        url = held.api_url
+    else:
+        _launch()
+        assert _launched is not None
+        get_logger().info(f"Starting temporary server on {_launched.address}")
+        _wait_until_up(_launched, get_current_settings().server.ephemeral.startup_timeout_seconds)
+        url = _launched.api_url
+    _share(url)
+    with temporary_settings(updates={PREFECT_API_URL: url}):
         yield
+
+
+def _share(url: str) -> None:
+    """The server's URL for every Prefect client of this process and of the processes it starts, for
+    the rest of its life (the server's too). `temporary_settings` reaches only the calling thread and
+    what it hands its context to; a thread started without it, such as the thread of Prefect's process
+    pool that forwards its workers' logs and events, reads Prefect's process-wide settings, and
+    without a URL there would start a temporary server of its own."""
+    os.environ["PREFECT_API_URL"] = url
+    refresh_global_settings_context()  # Prefect's process-wide settings, read again from the environment
 
 
 def _ephemeral() -> bool:
@@ -92,27 +109,36 @@ def _ephemeral() -> bool:
 
 @dataclass
 class _Launched:
-    """The temporary server this process launched: its port and process, until Prefect's own record
-    of it takes them over (`_prefect_server`)."""
+    """The temporary server this process launched, for the rest of the process's life."""
 
     port: int
     process: subprocess.Popen[bytes]
+
+    @property
+    def address(self) -> str:
+        return f"http://{LOOPBACK}:{self.port}"
+
+    @property
+    def api_url(self) -> str:
+        return f"{self.address}/api"
 
 
 _launched: _Launched | None = None
 
 
 def _launch() -> None:
-    """Starts the temporary server unless this process launched one that Prefect does not hold yet.
+    """Starts the temporary server unless this process launched one already.
 
-    Prefect's `SubprocessASGIServer` is not used for the start: importing its module imports Prefect's
-    whole server (1.6-1.8 s here), which this process never runs; launched without it, the server
-    boots that much sooner while the study imports. The command is the one that class runs
-    (`_run_uvicorn_command`, Prefect 3.x)."""
+    Prefect's `SubprocessASGIServer` is not used: importing its module imports Prefect's whole server
+    (1.2-1.9 s here), which this process never runs. The command is the one that class runs
+    (`_run_uvicorn_command`, Prefect 3.x). Nor is the server handed to that class's record of its
+    servers: a Prefect client of this process finds no server there, only the URL in its settings,
+    and one without it would start a server of its own; `_share` gives every client the URL
+    (test_interruption.py checks that the module stays unloaded through whole studies)."""
     global _launched
-    if _launched is None and not _held_by_prefect():
+    if _launched is None:
         _launched = _Launched(*_spawn())
-        atexit.register(_stop_launched)  # unless Prefect's record takes it over (its stop, at exit)
+        atexit.register(_stop_launched, grace=5)
 
 
 def _spawn() -> tuple[int, subprocess.Popen[bytes]]:
@@ -149,43 +175,33 @@ def _free_port() -> int:
     raise RuntimeError(f"no free port for Prefect's temporary server in {PORTS[0]}-{PORTS[-1]}")
 
 
-def _held_by_prefect() -> bool:
-    """Whether Prefect's record holds a running temporary server already (an earlier study of this
-    process, or Prefect's own clients). Its module is loaded once one was, so this imports nothing."""
+def _held_by_prefect() -> SubprocessASGIServer | None:
+    """Prefect's record of a running temporary server, if its clients started one (a Prefect Secret
+    read during the checks). Its module is loaded once one was, so this imports nothing."""
     module = sys.modules.get("prefect.server.api.server")
-    return module is not None and module.SubprocessASGIServer().running
+    server = None if module is None else module.SubprocessASGIServer()
+    return server if server is not None and server.running else None
 
 
-def _prefect_server() -> SubprocessASGIServer:
-    """Prefect's record of its temporary server, holding the one to use: one Prefect's own clients
-    started already (the checks read a Prefect Secret), else the one this process launched, launched
-    now if it did not. Held there, a Prefect client that finds no API URL in its settings uses it
-    rather than starting another, and Prefect stops it at exit."""
-    from prefect.server.api.server import SubprocessASGIServer
-
+def _stop_launched(grace: float = 0) -> None:
+    """Stops the server this process launched: asked to stop and given `grace` seconds (at exit, as
+    Prefect stops its own), else killed (the study failed its checks before using it)."""
     global _launched
-    server = SubprocessASGIServer()
-    if server.running:  # none was launched here, unless Prefect's clients started one meanwhile
-        _stop_launched()
-        return server
-    _launch()
-    assert _launched is not None
-    server.port, server.server_process, server.running = _launched.port, _launched.process, True
-    _launched = None  # Prefect's record has it now
-    atexit.register(server.stop)
-    return server
+    if _launched is None:
+        return
+    process, _launched = _launched.process, None
+    if grace:
+        process.terminate()
+        try:
+            process.wait(timeout=grace)
+            return
+        except subprocess.TimeoutExpired:
+            pass
+    process.kill()
+    process.wait()
 
 
-def _stop_launched() -> None:
-    """Kills the server this process launched, if Prefect's record does not hold it yet."""
-    global _launched
-    if _launched is not None:
-        _launched.process.kill()
-        _launched.process.wait()
-        _launched = None
-
-
-def _wait_until_up(server: SubprocessASGIServer, timeout: float) -> None:
+def _wait_until_up(server: _Launched, timeout: float) -> None:
     """Until the server answers its health check, as Prefect's `SubprocessASGIServer.start` waits;
     a server that lost its port to another process meanwhile is started again on another."""
     import httpx
@@ -193,10 +209,9 @@ def _wait_until_up(server: SubprocessASGIServer, timeout: float) -> None:
     deadline = time.monotonic() + timeout
     with httpx.Client() as client:
         while True:
-            assert server.server_process is not None
-            status = server.server_process.poll()
+            status = server.process.poll()
             if status == ADDRESS_IN_USE:
-                server.port, server.server_process = _spawn()
+                server.port, server.process = _spawn()
             elif status is not None:
                 raise RuntimeError(f"Prefect's temporary server exited with status {status} as it started")
             try:
