@@ -69,12 +69,16 @@ def launched_for(launch: bool) -> Iterator[None]:
 def shared_prefect_server(running: str | None = None) -> Iterator[None]:
     """Prefect's temporary server, up and answering, with its URL in the settings the flow and its
     task-runner workers inherit (launched here unless `launched_for` launched it). Given the
-    API URL of a `running` server (`adaptflow ui`'s), it uses that one instead and starts none."""
+    API URL of a `running` server (`adaptflow ui`'s), it uses that one instead and starts none.
+
+    On the temporary server, flow runs send no heartbeats. A server that outlives a flow run marks
+    it crashed when they stop, but this one stops with the flow; and a flow's heartbeat thread,
+    which sleeps in steps of a second, held up the end of every study by up to a second."""
     if running is not None:
         with temporary_settings(updates={PREFECT_API_URL: running}):
             yield
         return
-    if not _ephemeral():
+    if _launched is None and not _ephemeral():  # a server of the user's, or none at all
         yield
         return
     held = _held_by_prefect()
@@ -88,7 +92,7 @@ def shared_prefect_server(running: str | None = None) -> Iterator[None]:
         _wait_until_up(_launched, get_current_settings().server.ephemeral.startup_timeout_seconds)
         url = _launched.api_url
     _share(url)
-    with temporary_settings(updates={PREFECT_API_URL: url}):
+    with temporary_settings(updates={PREFECT_API_URL: url, "flows.heartbeat_frequency": None}):
         yield
 
 

@@ -260,7 +260,7 @@ import sys
 from adaptflow.cli import main
 from flows import server
 from prefect import get_client
-from prefect.settings import PREFECT_API_URL
+from prefect.settings import PREFECT_API_URL, get_current_settings
 code = main(sys.argv[1:])  # a whole study in worker processes, with the server its command launched
 launched = server._launched.process.pid
 server_module = "prefect.server.api.server" in sys.modules
@@ -270,7 +270,8 @@ with server.shared_prefect_server():
     with get_client(sync_client=True) as client:
         healthy = client.api_healthcheck() is None
     same_url = PREFECT_API_URL.value() == server._launched.api_url
-print(code, server_module, again, healthy, same_url, launched)
+    no_heartbeats = get_current_settings().flows.heartbeat_frequency is None
+print(code, server_module, again, healthy, same_url, no_heartbeats, launched)
 """
 
 
@@ -280,8 +281,8 @@ def test_a_study_talks_to_its_temporary_server_without_loading_prefects_server_c
     client of a study must find the server's URL in its settings, or it would import the module to
     start a server of its own. One did: the thread of Prefect's process pool that forwards its workers'
     logs and events, hence the study in worker processes. After it the module is still unloaded; a
-    second study in the same process uses the same server rather than launching another; and the
-    server stops when the process exits."""
+    second study in the same process uses the same server rather than launching another, and its flow
+    runs send no heartbeats to it; and the server stops when the process exits."""
     if not sys.platform.startswith("linux"):
         pytest.skip("reads the server's command line from /proc")
     env = {key: value for key, value in os.environ.items() if key != "PREFECT_API_URL"}
@@ -305,7 +306,7 @@ def test_a_study_talks_to_its_temporary_server_without_loading_prefects_server_c
     done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     *checks, pid = done.stdout.splitlines()[-1].split()
-    assert checks == ["0", "False", "True", "True", "True"], done.stderr
+    assert checks == ["0", "False", "True", "True", "True", "True"], done.stderr
     left = time.time() + 30
     while _is_server(pid):
         assert time.time() < left, f"the temporary server (pid {pid}) outlived its process"
