@@ -5,7 +5,8 @@ start each, several seconds), task-runner workers included. `adaptflow run` laun
 would start as soon as the spec has passed the checks that need neither PyTorch nor `datasets`, so
 that the server boots on another core while PyTorch and the study's modules import and the spec and
 data are checked (`launched_for`), and waits for it only when the flow starts (docs/benchmarks.md
-measures the gain). This process never imports Prefect's server: it only talks to it.
+measures the gain). This process does not import Prefect's server, unless Prefect's own clients
+start it (a tracking URI in a Prefect Secret, below): it only talks to it.
 
 The server runs in a process group of its own: Ctrl-C in a terminal signals the whole foreground
 group, and a server stopped with the study would leave the interrupted flow retrying it for minutes to
@@ -71,10 +72,13 @@ def shared_prefect_server(running: str | None = None) -> Iterator[None]:
     task-runner workers inherit (launched here unless `launched_for` launched it). Given the
     API URL of a `running` server (`adaptflow ui`'s), it uses that one instead and starts none.
 
-    On the temporary server, flow runs send no heartbeats. A server that outlives a flow run marks
-    it crashed when they stop, but this one stops with the flow; and a flow's heartbeat thread,
-    which sleeps in steps of a second, held up the end of every study by up to a second."""
+    On the temporary server, flow runs send no heartbeats: a flow's heartbeat thread, which sleeps in
+    steps of a second, held up the end of every study by up to a second. Prefect acts on missing
+    heartbeats only through a zombie-flow automation a user creates, on a server that outlives the
+    flow; the temporary server stops with it. (With such an automation in the project's Prefect
+    database, a killed study's flow run on the temporary server stays Running.)"""
     if running is not None:
+        _share(running)
         with temporary_settings(updates={PREFECT_API_URL: running}):
             yield
         return
@@ -98,10 +102,11 @@ def shared_prefect_server(running: str | None = None) -> Iterator[None]:
 
 def _share(url: str) -> None:
     """The server's URL for every Prefect client of this process and of the processes it starts, for
-    the rest of its life (the server's too). `temporary_settings` reaches only the calling thread and
-    what it hands its context to; a thread started without it, such as the thread of Prefect's process
-    pool that forwards its workers' logs and events, reads Prefect's process-wide settings, and
-    without a URL there would start a temporary server of its own."""
+    the rest of its life (a later study of the same process uses the same server). `temporary_settings`
+    reaches only the calling thread and what it hands its context to; a thread started without it,
+    such as the thread of Prefect's process pool that forwards its workers' logs and events, reads
+    Prefect's process-wide settings, and without a URL there would start a temporary server of its
+    own."""
     os.environ["PREFECT_API_URL"] = url
     refresh_global_settings_context()  # Prefect's process-wide settings, read again from the environment
 
@@ -138,7 +143,7 @@ def _launch() -> None:
     (`_run_uvicorn_command`, Prefect 3.x). Nor is the server handed to that class's record of its
     servers: a Prefect client of this process finds no server there, only the URL in its settings,
     and one without it would start a server of its own; `_share` gives every client the URL
-    (test_interruption.py checks that the module stays unloaded through whole studies)."""
+    (test_interruption.py checks that the module stays unloaded through a whole study)."""
     global _launched
     if _launched is None:
         _launched = _Launched(*_spawn())
@@ -189,7 +194,8 @@ def _held_by_prefect() -> SubprocessASGIServer | None:
 
 def _stop_launched(grace: float = 0) -> None:
     """Stops the server this process launched: asked to stop and given `grace` seconds (at exit, as
-    Prefect stops its own), else killed (the study failed its checks before using it)."""
+    Prefect stops its own), else killed (unused: the study failed its checks, or Prefect's clients
+    started a server of their own)."""
     global _launched
     if _launched is None:
         return

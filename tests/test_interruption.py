@@ -257,21 +257,27 @@ def test_a_tracking_uri_in_a_prefect_secret_is_read_from_a_server_that_answers(t
 
 SERVED_STUDY = """
 import sys
+import psutil
 from adaptflow.cli import main
 from flows import server
 from prefect import get_client
 from prefect.settings import PREFECT_API_URL, get_current_settings
 code = main(sys.argv[1:])  # a whole study in worker processes, with the server its command launched
-launched = server._launched.process.pid
+launched, url = server._launched.process.pid, server._launched.api_url
 server_module = "prefect.server.api.server" in sys.modules
-with server.launched_for(True):  # a second study of the same process
-    again = server._launched.process.pid == launched
-with server.shared_prefect_server():
+def command_line(process):
+    try:
+        return " ".join(process.cmdline())
+    except psutil.Error:  # ended meanwhile
+        return ""
+with server.launched_for(True), server.shared_prefect_server():  # a second study of the same process
+    children = psutil.Process().children(recursive=True)
+    servers = [child.pid for child in children if "create_app" in command_line(child)]
     with get_client(sync_client=True) as client:
         healthy = client.api_healthcheck() is None
-    same_url = PREFECT_API_URL.value() == server._launched.api_url
+    same_url = PREFECT_API_URL.value() == url
     no_heartbeats = get_current_settings().flows.heartbeat_frequency is None
-print(code, server_module, again, healthy, same_url, no_heartbeats, launched)
+print(code, server_module, servers == [launched], healthy, same_url, no_heartbeats, launched)
 """
 
 

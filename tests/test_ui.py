@@ -89,12 +89,15 @@ def test_ui_serves_both_on_free_ports_and_ctrl_c_stops_both(tmp_path: Path) -> N
             assert status == 200 and json.loads(body)["run"]["info"]["experiment_id"] == experiment
             assert json.loads(get(f"{prefect}/ui-settings")[1])["api_url"] == f"{prefect}/api"
 
-            # a study run meanwhile uses the UI's Prefect server: none of its own, and it shows there
+            # a study run meanwhile uses the UI's Prefect server: none of its own, and it shows there;
+            # in worker processes, whose logs and events a thread without the flow's settings forwards
             assert "Studies run meanwhile use this Prefect server" in printed
             overrides = [*TINY_TRAINING, "seeds=[0]", "target=[webcam]", "episodes.shots=[1]"]
             overrides += ["episodes.eval_episodes=10", "algorithms=[{name: protonet}]", "name=tiny-study"]
-            done = subprocess.run([ADAPTFLOW, "run", str(DEMO), *cli_overrides(*overrides)], cwd=ROOT,
-                                  env=environment, capture_output=True, text=True, timeout=600)  # fmt: skip
+            command = [ADAPTFLOW, "run", str(DEMO), *cli_overrides(*overrides), "--workers", "2"]
+            done = subprocess.run(
+                command, cwd=ROOT, env=environment, capture_output=True, text=True, timeout=600
+            )
             assert done.returncode == 0, done.stderr[-3000:]
             assert f"using the Prefect server of `adaptflow ui`, {prefect}/api" in done.stderr
             assert "Starting temporary server" not in done.stderr
