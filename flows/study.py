@@ -231,7 +231,7 @@ def log_study(plan: StudyPlan, run: StudyRun, pending: list[PendingEvaluation], 
     progress = StudyProgress(plan.spec.name, trainings, [item.evaluation for item in pending])
     with progress:
         for item in pending:
-            progress.publish()  # the counts so far, before waiting on this item
+            progress.publish(waiting_on=[item.trained, item.evaluation])  # before waiting on them
             trained_for = item.target if item.setup.uses_unlabelled_target else None
             if id(item.trained) not in models:
                 item.trained.wait()

@@ -13,7 +13,7 @@ from collections.abc import Iterable
 from typing import Any
 
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
-from prefect.futures import PrefectFuture
+from prefect.futures import PrefectFuture, PrefectWrappedFuture
 from tqdm.auto import tqdm
 
 from tasks.stopping import interruption_behind
@@ -76,11 +76,13 @@ class StudyProgress:
             self.bar.set_postfix_str(self.counts(), refresh=False)
             self.bar.update(1)
 
-    def publish(self, force: bool = False) -> None:
+    def publish(self, waiting_on: Iterable[PrefectFuture[Any]] = (), force: bool = False) -> None:
         """Moves the flow run's progress artifact to the counts so far (from the flow's own thread,
-        which holds the Prefect client context), at most once a second unless `force`d."""
+        which holds the Prefect client context), at most once a second unless `force`d or about to
+        wait on futures that are not done: a dropped update would show for the whole wait."""
         with self.lock:
             done, counts = sum(self.done.values()), self.counts()
+        force = force or not all(map(_finished, waiting_on))
         self.artifact.update(done, f"{self.name}: {counts}", force)
 
     def __enter__(self) -> StudyProgress:
@@ -92,3 +94,9 @@ class StudyProgress:
         if error is None or (isinstance(error, Exception) and interruption_behind(error) is None):
             self.publish(force=True)
         self.bar.close()
+
+
+def _finished(future: PrefectFuture[Any]) -> bool:
+    """Whether the future is done, without a request to the Prefect server (its `state` makes one
+    until it has the final state); a future of another kind counts as not done."""
+    return isinstance(future, PrefectWrappedFuture) and future.wrapped_future.done()
