@@ -438,7 +438,7 @@ def _ui(study: str | None, tracking_uri: str) -> int:
 
 def _ui_prefect_api() -> str | None:
     """The API URL of the Prefect server a running `adaptflow ui` of this project serves: a study run
-    while the UI is open uses it instead of starting a temporary server (~10 s), and shows in the UI
+    while the UI is open uses it instead of starting a temporary server (~3 s), and shows in the UI
     as it runs. Only if that `adaptflow ui` is alive, serves this PREFECT_HOME and its server answers."""
     try:
         state = json.loads(UI_PREFECT_API.read_text())
