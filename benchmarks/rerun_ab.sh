@@ -1,7 +1,8 @@
 #!/bin/bash
 # Cached reruns of the demo study under two checkouts, alternating, on one machine: which is faster?
 #
-#   benchmarks/rerun_ab.sh OLD_CHECKOUT NEW_CHECKOUT [ROUNDS]     (e.g. a `git worktree` of the old commit)
+#   benchmarks/rerun_ab.sh OLD_CHECKOUT NEW_CHECKOUT [ROUNDS [--set KEY=VALUE ...]]
+#                                             (OLD: e.g. a `git worktree` of the old commit; --set: the spec's)
 #
 # Each checkout first runs `adaptflow run studies/demo.yaml` (--workers 1) once in a project folder of its
 # own (a new ADAPTFLOW_HOME and PREFECT_HOME under $TMPDIR), which fills its caches; then ROUNDS (default
@@ -12,6 +13,7 @@
 # (`python -m adaptflow.cli` from the checkout). Results: docs/benchmarks.md.
 set -Eeuo pipefail
 old=$(realpath "$1"); new=$(realpath "$2"); rounds=${3:-4}
+overrides=("${@:4}")
 python="$(cd "$(dirname "$0")/.." && pwd)/.venv/bin/python"  # not realpath: the venv's link
 export DO_NOT_TRACK=1 MLFLOW_DISABLE_TELEMETRY=true PREFECT_SERVER_ANALYTICS_ENABLED=false
 export HF_DATASETS_OFFLINE=1 HF_HUB_OFFLINE=1
@@ -22,7 +24,7 @@ run() {  # checkout, home, label
     local started ended
     started=$(date +%s.%N)
     (cd "$1" && ADAPTFLOW_HOME="$2" PREFECT_HOME="$2/prefect" "$python" -m adaptflow.cli run studies/demo.yaml \
-        --tracking-uri "sqlite:///$2/mlflow.db" > "$2/$3.log" 2>&1)
+        --tracking-uri "sqlite:///$2/mlflow.db" "${overrides[@]}" > "$2/$3.log" 2>&1)
     ended=$(date +%s.%N)
     echo "$3: $(awk "BEGIN {printf \"%.2f\", $ended - $started}") s, $(grep -o 'study took [0-9.]* s' "$2/$3.log"), load $(cut -d' ' -f1-3 /proc/loadavg)"
 }

@@ -7,7 +7,7 @@ import io
 import math
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -18,25 +18,48 @@ from metalib.episodes import EpisodeBatch, EpisodeSampler
 from metalib.evaluation import Stopped, episode_accuracies
 
 
-@dataclass
 class TrainingHistory:
-    """Metrics by step, and which step's weights were kept."""
+    """Metrics by step, and which step's weights were kept.
 
-    curves: dict[str, list[tuple[int, float]]] = field(default_factory=dict)
-    best_step: int = 0
-    best_val_acc: float = float("nan")
+    Not a dataclass, on purpose: Prefect walks every list, dict and dataclass among a task's inputs
+    looking for futures (`visit_collection`, 9 us an item here), and a trained model goes into every
+    evaluation and logging task. It descends into this object's fields no more than into a tensor's,
+    so it no longer visits each (step, value) pair of the curves each time (docs/benchmarks.md)."""
+
+    def __init__(
+        self,
+        curves: dict[str, list[tuple[int, float]]] | None = None,
+        best_step: int = 0,
+        best_val_acc: float = float("nan"),
+    ) -> None:
+        self.curves = {} if curves is None else curves
+        self.best_step = best_step
+        self.best_val_acc = best_val_acc
 
     def add(self, step: int, metrics: dict[str, float]) -> None:
         for name, value in metrics.items():
             self.curves.setdefault(name, []).append((step, value))
 
+    def to_dict(self) -> dict[str, Any]:
+        """The fields, not copied: for torch.save, JSON and cache keys."""
+        return {"curves": self.curves, "best_step": self.best_step, "best_val_acc": self.best_val_acc}
+
     @classmethod
     def from_dict(cls, saved: dict[str, Any]) -> TrainingHistory:
-        """Back from the history's fields after a round trip through torch.save or JSON (pairs as lists)."""
+        """Back from `to_dict` after a round trip through torch.save or JSON (pairs as lists)."""
         curves = {
             name: [(int(step), value) for step, value in points] for name, points in saved["curves"].items()
         }
         return cls(curves, saved["best_step"], saved["best_val_acc"])
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, TrainingHistory):
+            return NotImplemented
+        return self.to_dict() == other.to_dict()
+
+    def __repr__(self) -> str:
+        points = {name: len(curve) for name, curve in self.curves.items()}
+        return f"TrainingHistory(best_step={self.best_step}, best_val_acc={self.best_val_acc}, {points=})"
 
 
 class NonFiniteLoss(ArithmeticError):
@@ -60,10 +83,10 @@ class Checkpoint:
 
     def to_bytes(self) -> bytes:
         """Plain containers and tensors only, so `from_bytes` can load with weights_only=True. The
-        history's fields go as they are: `asdict` would copy every (step, value) pair of its curves
-        first, which made checkpoints cost more with each step (docs/benchmarks.md)."""
+        history's fields go as they are: a deep copy of every (step, value) pair of its curves made
+        checkpoints cost more with each step (docs/benchmarks.md)."""
         buffer = io.BytesIO()
-        torch.save({**vars(self), "history": dict(vars(self.history))}, buffer)
+        torch.save({**vars(self), "history": self.history.to_dict()}, buffer)
         return buffer.getvalue()
 
     @classmethod

@@ -2,7 +2,7 @@
 
 Prefect's INPUTS policy hashes inputs with cloudpickle, and pickled tensors differ from
 one process to the next, so a rerun would never hit the cache. Here tensors are hashed
-by their bytes, and dataclasses and pydantic models field by field.
+by their bytes, and dataclasses, pydantic models and training histories field by field.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from prefect.utilities.hashing import hash_objects
 from pydantic import BaseModel
 
 import metalib
+from metalib import TrainingHistory
 
 
 def stable_token(value: Any) -> Any:
@@ -30,6 +31,8 @@ def stable_token(value: Any) -> Any:
         return ["tensor", str(data.dtype), list(data.shape), digest]
     if isinstance(value, BaseModel):
         return [type(value).__qualname__, value.model_dump(mode="json")]
+    if isinstance(value, TrainingHistory):  # not a dataclass: metalib.training says why
+        return [type(value).__qualname__, stable_token(value.to_dict())]
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
         fields = {field.name: stable_token(getattr(value, field.name)) for field in dataclasses.fields(value)}
         return [type(value).__qualname__, fields]

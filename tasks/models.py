@@ -110,7 +110,7 @@ def log_model(
             torch.save(trained.state, Path(folder) / WEIGHTS)
             (Path(folder) / SETUP).write_text(json.dumps(asdict(setup), indent=1))
             (Path(folder) / HISTORY).write_text(
-                json.dumps({**asdict(trained.history), "seconds": trained.seconds})
+                json.dumps({**trained.history.to_dict(), "seconds": trained.seconds})
             )
             client.log_model_artifacts(model.model_id, folder)
         client.finalize_logged_model(model.model_id, LoggedModelStatus.READY)
