@@ -207,9 +207,11 @@ class TrainSpec(Strict):
     ways: int | None = Field(None, ge=2)  # training ways; default: episodes.ways (more: see fixed_ways)
     val_every: int = Field(50, ge=1)
     val_episodes: int = Field(100, ge=1)
-    # steps between checkpoints, besides the one after each validation: a killed training loses at most
-    # this many (a checkpoint of the demo's model is 3.8 MB: weights, Adam's moments, best weights)
+    # steps between checkpoints, besides the one after each validation (a checkpoint of the demo's model
+    # is 3.8 MB: weights, Adam's moments, best weights), and at least this many seconds between two: a
+    # killed training loses at most about checkpoint_seconds plus checkpoint_every steps
     checkpoint_every: int = Field(100, ge=1)
+    checkpoint_seconds: float = Field(30.0, ge=0)
 
 
 class SearchSpec(Strict):

@@ -6,6 +6,7 @@ import copy
 import io
 import math
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -108,20 +109,23 @@ def meta_train(
     progress: bool = True,
     on_validate: Callable[[int, float], None] | None = None,
     checkpoint_every: int = 0,
+    checkpoint_seconds: float = 0.0,
     on_checkpoint: Callable[[Checkpoint], None] | None = None,
     resume: Checkpoint | None = None,
     stop: threading.Event | None = None,
 ) -> TrainingHistory:
     """Trains for `steps` updates and leaves the learner at its best source-validation weights.
 
-    Validation uses a fixed batch of source episodes, so checkpoints are compared on the
-    same episodes; target data never enters here. `on_checkpoint` gets a checkpoint after each
-    validation and every `checkpoint_every` steps; given one as `resume` (with a learner built and
-    seeded as before), training goes on from its step and ends with the same weights, bit for bit on
-    CPU, as a run that never stopped. Raises NonFiniteLoss, naming the learner and the step, when a
-    loss is NaN or infinite. Once `stop` is set (from another thread), training checkpoints at the end
-    of the current step and raises Stopped, so a resume loses nothing; set before training begins, it
-    raises Stopped at once.
+    Validation uses a fixed batch of source episodes, so checkpoints are compared on the same episodes;
+    target data never enters here. `on_checkpoint` gets a checkpoint after each validation and every
+    `checkpoint_every` steps, unless the last one (or the start) is less than `checkpoint_seconds` old:
+    the demo's learners validate every 0.2 s of training, and writing a checkpoint at each cost more
+    than the little training a kill could lose (docs/benchmarks.md). Given one as `resume` (with a
+    learner built and seeded as before), training goes on from its step and ends with the same weights,
+    bit for bit on CPU, as a run that never stopped. Raises NonFiniteLoss, naming the learner and the
+    step, when a loss is NaN or infinite. Once `stop` is set (from another thread), training checkpoints
+    at the end of the current step, however recent the last checkpoint, and raises Stopped, so a resume
+    loses nothing; set before training begins, it raises Stopped at once.
     """
     device = torch.device(device)
     learner.training_steps = steps
@@ -168,6 +172,7 @@ def meta_train(
     if resume is None:
         validate(0)
     bar = tqdm(range(first, steps + 1), desc=name, disable=not progress, leave=False)
+    last_checkpoint = time.monotonic()
     for step in bar:
         metrics = learner.meta_train_step(sampler.sample(meta_batch).to(device))
         if not math.isfinite(metrics["loss"]):
@@ -178,8 +183,10 @@ def meta_train(
             validate(step)
             bar.set_postfix(val_acc=f"{history.best_val_acc:.3f}")
         stopping = stop is not None and stop.is_set()
-        if validated or stopping or (checkpoint_every and step % checkpoint_every == 0):
+        due = validated or (checkpoint_every and step % checkpoint_every == 0)
+        if stopping or (due and time.monotonic() - last_checkpoint >= checkpoint_seconds):
             checkpoint(step)
+            last_checkpoint = time.monotonic()
         if stopping:
             resumes = "; its checkpoint resumes it" if on_checkpoint is not None else ""
             raise Stopped(f"{name} stopped at step {step} of {steps}{resumes}")

@@ -180,6 +180,7 @@ def train_model(
             device=device,
             on_validate=on_validate,
             checkpoint_every=train.checkpoint_every,
+            checkpoint_seconds=train.checkpoint_seconds,
             on_checkpoint=checkpoints.save,
             resume=resume,
             stop=stopping.STOP_REQUESTED,

@@ -148,7 +148,8 @@ def test_sigterm_stops_a_training_running_in_the_study_process(prefect_server: N
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     args = cli_overrides(
         "name=stopped", "train.steps=100000", "train.val_every=100", "train.meta_batch=2",
-        "train.val_episodes=5", "seeds=[0]", "target=[webcam]", "algorithms=[{name: protonet}]",
+        "train.val_episodes=5", "train.checkpoint_seconds=0", "seeds=[0]", "target=[webcam]",
+        "algorithms=[{name: protonet}]",
     )  # fmt: skip
     env = {
         **os.environ,

@@ -39,6 +39,7 @@ def train(
     keep: list[bytes] | None = None,
     lr: float = 1e-3,
     checkpoint_every: int = 1,
+    checkpoint_seconds: float = 0.0,
     stop: threading.Event | None = None,
 ) -> tuple[dict[str, torch.Tensor], TrainingHistory]:
     """A short training on real features, built and seeded the same way each time."""
@@ -58,6 +59,7 @@ def train(
         val_every=3,
         progress=False,
         checkpoint_every=checkpoint_every,
+        checkpoint_seconds=checkpoint_seconds,
         on_checkpoint=None if keep is None else lambda checkpoint: keep.append(checkpoint.to_bytes()),
         resume=resume,
         stop=stop,
@@ -117,6 +119,15 @@ def test_a_stop_request_ends_training_and_evaluation_and_the_training_resumes_fr
         evaluate(learner, EpisodeSampler(target.x, target.y, 5, 1, 2, seed=3), 10, stop=stop)
 
 
+def test_checkpoints_come_no_closer_than_checkpoint_seconds_but_a_stop_always_writes_one() -> None:
+    checkpoints: list[bytes] = []
+    train("protonet", keep=checkpoints, checkpoint_seconds=3600)
+    assert checkpoints == []  # every step was due (and step 3 validated), none an hour after the start
+    with pytest.raises(Stopped, match="ProtoNet stopped at step 1 of 4"):
+        train("protonet", keep=checkpoints, checkpoint_seconds=3600, stop=ArrivesDuringFirstStep())
+    assert [Checkpoint.from_bytes(data).step for data in checkpoints] == [1]
+
+
 def test_a_nan_loss_stops_the_training_naming_the_learner_and_the_step() -> None:
     with pytest.raises(NonFiniteLoss, match=r"loss of ProtoNet is nan at step 2 of 4"):
         train("protonet", lr=1e30)
@@ -151,7 +162,8 @@ def test_a_sigkilled_study_resumes_its_training_and_ends_its_stale_run(
         "run", str(DEMO), "--tracking-uri", uri,
         *cli_overrides(
             "name=killed", "train.steps=300", "train.val_every=100", "train.meta_batch=2",
-            "train.val_episodes=5", "episodes.eval_episodes=10", "episodes.shots=[1]", "target=[webcam]",
+            "train.val_episodes=5", "train.checkpoint_seconds=0", "episodes.eval_episodes=10",
+            "episodes.shots=[1]", "target=[webcam]",
             "seeds=[0]",
             "algorithms=[{name: protonet}]",
         ),
