@@ -11,6 +11,7 @@ import pandas as pd
 import torch
 from prefect import task
 from prefect.artifacts import create_markdown_artifact
+from prefect.cache_policies import NO_CACHE
 
 from adaptflow.spec import StudySpec, applicable_params
 from tasks.changes import report_changes
@@ -53,7 +54,7 @@ class Result:
     eval_seconds: float
 
 
-@task(name="log-evaluation", tags=["cpu"], **TRANSIENT_RETRIES)
+@task(name="log-evaluation", tags=["cpu"], cache_policy=NO_CACHE, **TRANSIENT_RETRIES)
 def log_evaluation(
     study: StudyRun,
     spec: StudySpec,
@@ -150,7 +151,7 @@ def format_table(summary: pd.DataFrame, markdown: bool = False) -> str:
     return fit_to_terminal(accuracy_table(rows, ["row", "shots"]))
 
 
-@task(name="report", tags=["cpu"])
+@task(name="report", tags=["cpu"], cache_policy=NO_CACHE)
 def report_study(study: StudyRun, spec: StudySpec, results: list[Result]) -> pd.DataFrame:
     """Logs the per-run and summary tables to the parent run, the summary as its metrics and
     description (so the answer is on the study's own MLflow page), and posts a Prefect artifact; then
