@@ -209,7 +209,8 @@ class TrainSpec(Strict):
     val_episodes: int = Field(100, ge=1)
     # steps between checkpoints, besides the one after each validation (a checkpoint of the demo's model
     # is 3.8 MB: weights, Adam's moments, best weights), and at least this many seconds between two: a
-    # killed training loses at most about checkpoint_seconds plus checkpoint_every steps
+    # killed training loses at most about checkpoint_seconds plus the steps to the next validation or
+    # checkpoint_every step
     checkpoint_every: int = Field(100, ge=1)
     checkpoint_seconds: float = Field(30.0, ge=0)
 

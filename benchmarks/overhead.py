@@ -60,6 +60,16 @@ ROOT = Path(__file__).resolve().parents[1]
 Accuracies = dict[tuple[str, str, str, str], float]
 
 
+def checkout() -> str:
+    """The commit this checkout is at, and whether its tracked files differ from it."""
+
+    def git(*args: str) -> str:
+        return subprocess.run(["git", "-C", str(ROOT), *args], capture_output=True, text=True).stdout.strip()
+
+    changed = " with uncommitted changes" if git("status", "--short", "--untracked-files=no") else ""
+    return f"commit {git('rev-parse', '--short', 'HEAD') or '?'}{changed}"
+
+
 def load() -> str:
     return "load average {:.1f} {:.1f} {:.1f}".format(*os.getloadavg())
 
@@ -197,6 +207,7 @@ def main() -> None:
         help="a spec override, as `adaptflow run --set` (repeatable): e.g. a larger study",
     )
     args = parser.parse_args()
+    print(f"{time.strftime('%Y-%m-%d %H:%M:%S %Z')}, {checkout()}", flush=True)
     print(
         f"{os.cpu_count()} CPUs, torch {torch.__version__} with {torch.get_num_threads()} threads in this "
         f"process; spec {args.spec} {args.overrides}; adaptflow run --workers {args.workers}",

@@ -19,6 +19,10 @@ export DO_NOT_TRACK=1 MLFLOW_DISABLE_TELEMETRY=true PREFECT_SERVER_ANALYTICS_ENA
 export HF_DATASETS_OFFLINE=1 HF_HUB_OFFLINE=1
 unset PREFECT_API_URL PYTHONPATH MLFLOW_TRACKING_URI
 work=$(mktemp -d)
+for side in old new; do  # what each side runs, and when
+    echo "$side: ${!side} at $(git -C "${!side}" rev-parse --short HEAD)$(git -C "${!side}" status --short \
+        --untracked-files=no | grep -q . && echo ' with uncommitted changes'), $(date -u '+%F %T UTC')"
+done
 trap 'echo "rerun_ab.sh: a run failed; its log is in $work" >&2' ERR
 run() {  # checkout, home, label
     local started ended

@@ -6,9 +6,9 @@ import copy
 import io
 import math
 import threading
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from time import monotonic
 from typing import Any
 
 import torch
@@ -119,8 +119,8 @@ def meta_train(
     Validation uses a fixed batch of source episodes, so checkpoints are compared on the same episodes;
     target data never enters here. `on_checkpoint` gets a checkpoint after each validation and every
     `checkpoint_every` steps, unless the last one (or the start) is less than `checkpoint_seconds` old:
-    the demo's learners validate every 0.2 s of training, and writing a checkpoint at each cost more
-    than the little training a kill could lose (docs/benchmarks.md). Given one as `resume` (with a
+    the demo's learners validate every 0.2-0.3 s of training, and a checkpoint at each cost a few
+    percent of it (docs/benchmarks.md). Given one as `resume` (with a
     learner built and seeded as before), training goes on from its step and ends with the same weights,
     bit for bit on CPU, as a run that never stopped. Raises NonFiniteLoss, naming the learner and the
     step, when a loss is NaN or infinite. Once `stop` is set (from another thread), training checkpoints
@@ -172,7 +172,7 @@ def meta_train(
     if resume is None:
         validate(0)
     bar = tqdm(range(first, steps + 1), desc=name, disable=not progress, leave=False)
-    last_checkpoint = time.monotonic()
+    last_checkpoint = monotonic()
     for step in bar:
         metrics = learner.meta_train_step(sampler.sample(meta_batch).to(device))
         if not math.isfinite(metrics["loss"]):
@@ -184,9 +184,9 @@ def meta_train(
             bar.set_postfix(val_acc=f"{history.best_val_acc:.3f}")
         stopping = stop is not None and stop.is_set()
         due = validated or (checkpoint_every and step % checkpoint_every == 0)
-        if stopping or (due and time.monotonic() - last_checkpoint >= checkpoint_seconds):
+        if stopping or (due and monotonic() - last_checkpoint >= checkpoint_seconds):
             checkpoint(step)
-            last_checkpoint = time.monotonic()
+            last_checkpoint = monotonic()
         if stopping:
             resumes = "; its checkpoint resumes it" if on_checkpoint is not None else ""
             raise Stopped(f"{name} stopped at step {step} of {steps}{resumes}")

@@ -80,7 +80,9 @@ def search_key(spec: StudySpec, prepared: PreparedData, setup: LearnerSetup) -> 
         "ways": spec.episodes.ways,
         "queries": spec.episodes.queries,
         "shots": spec.train_shots,
-        "train": spec.train.model_dump(exclude={"device"}),
+        # checkpoint_seconds left out: it decides nothing here (trials do not checkpoint), and keys
+        # made before it existed still name their searches
+        "train": spec.train.model_dump(exclude={"device", "checkpoint_seconds"}),
         "setup": stable_token(setup),
         "search": spec.search.model_dump(exclude={"trials", "storage"}),
     }

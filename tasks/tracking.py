@@ -181,9 +181,10 @@ def retry_transient(task: Task[Any, Any], run: TaskRun, state: State[Any]) -> bo
 
 
 # Task options of every task that logs to MLflow: up to 4 retries, 2, 4, 8 and 16 s apart (+-50%),
-# on top of the retries of MLflow's HTTP client (MLFLOW_HTTP_REQUEST_MAX_RETRIES). Those tasks also
-# say cache_policy=NO_CACHE: each execution logs its own runs, and under Prefect's default policy each
-# call hashed its inputs, a trained model's weights included (benchmarks/bookkeeping.py).
+# on top of the retries of MLflow's HTTP client (MLFLOW_HTTP_REQUEST_MAX_RETRIES). The tasks that write
+# to MLflow also say cache_policy=NO_CACHE: each execution logs its own runs, and under Prefect's
+# default policy each call hashed its inputs, a trained model's weights included
+# (benchmarks/bookkeeping.py).
 TRANSIENT_RETRIES: dict[str, Any] = {
     "retries": 4,
     "retry_delay_seconds": exponential_backoff(backoff_factor=2),

@@ -17,6 +17,7 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
+import metalib.training
 from adaptflow.cli import main
 from adaptflow.spec import load_spec
 from metalib import EpisodeSampler, algorithms, backbones, evaluate
@@ -126,6 +127,19 @@ def test_checkpoints_come_no_closer_than_checkpoint_seconds_but_a_stop_always_wr
     with pytest.raises(Stopped, match="ProtoNet stopped at step 1 of 4"):
         train("protonet", keep=checkpoints, checkpoint_seconds=3600, stop=ArrivesDuringFirstStep())
     assert [Checkpoint.from_bytes(data).step for data in checkpoints] == [1]
+
+
+def test_a_due_checkpoint_is_written_once_checkpoint_seconds_have_passed_since_the_last(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A clock that moves 1 s each time training reads it: at the start (0), at each due step and after
+    each checkpoint. With 2.5 s, steps 1 and 2 (1 s, 2 s) are too soon, step 3 (3 s) is written and
+    resets the clock (4 s), and step 4 (5 s) is too soon again."""
+    ticks = iter(range(100))
+    monkeypatch.setattr(metalib.training, "monotonic", lambda: float(next(ticks)))
+    checkpoints: list[bytes] = []
+    train("protonet", keep=checkpoints, checkpoint_seconds=2.5)
+    assert [Checkpoint.from_bytes(data).step for data in checkpoints] == [3]
 
 
 def test_a_nan_loss_stops_the_training_naming_the_learner_and_the_step() -> None:
