@@ -120,9 +120,9 @@ def meta_train(
     target data never enters here. `on_checkpoint` gets a checkpoint after each validation and every
     `checkpoint_every` steps, unless the last one (or the start) is less than `checkpoint_seconds` old:
     the demo's learners validate every 0.2-0.3 s of training, and a checkpoint at each cost a few
-    percent of it (docs/benchmarks.md). Given one as `resume` (with a
-    learner built and seeded as before), training goes on from its step and ends with the same weights,
-    bit for bit on CPU, as a run that never stopped. Raises NonFiniteLoss, naming the learner and the
+    percent of it (docs/benchmarks.md). Given one as `resume` (with a learner built and seeded as
+    before), training goes on from its step and ends with the same weights, bit for bit on CPU, as a
+    run that never stopped. Raises NonFiniteLoss, naming the learner and the
     step, when a loss is NaN or infinite. Once `stop` is set (from another thread), training checkpoints
     at the end of the current step, however recent the last checkpoint, and raises Stopped, so a resume
     loses nothing; set before training begins, it raises Stopped at once.

@@ -2,7 +2,8 @@
 
 Prefect's INPUTS policy hashes inputs with cloudpickle, and pickled tensors differ from
 one process to the next, so a rerun would never hit the cache. Here tensors are hashed
-by their bytes, and dataclasses, pydantic models and training histories field by field.
+by their bytes, dataclasses and pydantic models field by field, and training histories by a digest
+of their JSON.
 """
 
 from __future__ import annotations
