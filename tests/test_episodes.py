@@ -67,7 +67,7 @@ def test_shape_problems_name_classes_and_counts() -> None:
     problems = episode_shape_problems(y, ways=4, shots=2, queries=2, class_names=["cat", "dog", "emu"])
     assert any("ways=4 but only 3 classes" in problem for problem in problems)
     assert any("dog: 2" in problem and "cat" not in problem for problem in problems)
-    with pytest.raises(ValueError, match="fewer than shots\+queries=4 examples \(1: 2\)"):
+    with pytest.raises(ValueError, match=r"fewer than shots\+queries=4 examples \(1: 2\)"):
         EpisodeSampler(torch.zeros(len(y), 1), y, 2, 2, 2, seed=0)
     assert episode_shape_problems(y, ways=2, shots=1, queries=1) == []
 

@@ -138,6 +138,37 @@ def test_an_interruption_stops_the_worker_processes_and_the_temporary_server(
     assert interrupted.info.status == "KILLED", printed
 
 
+# An `adaptflow` command whose `main` returns the interrupted status with a thread that never ends,
+# which Python's exit would wait for forever.
+BLOCKED_EXIT = """
+import threading
+import adaptflow.cli as cli
+
+def blocked_forever():
+    threading.Event().wait()
+
+def interrupted():
+    threading.Thread(target=blocked_forever).start()
+    return cli.INTERRUPTED
+
+cli.EXIT_GRACE_SECONDS = 1.0
+cli.main = interrupted
+cli.command()
+"""
+
+
+def test_an_interrupted_command_leaves_even_when_a_thread_blocks_its_exit() -> None:
+    """An interrupted `--workers 2` study once printed "interrupted" and then never exited (cause not
+    found). The command now leaves EXIT_GRACE_SECONDS after main returns, with the interrupted status,
+    and prints the stack of the thread that held it."""
+    done = subprocess.run(
+        [sys.executable, "-c", BLOCKED_EXIT], capture_output=True, text=True, timeout=120, cwd=ROOT
+    )
+    assert done.returncode == 130, done.stderr
+    assert "still not exited 1 s after the interruption; leaving now" in done.stderr
+    assert "in blocked_forever" in done.stderr  # the stack of the thread that blocked the exit
+
+
 def test_sigterm_stops_a_training_running_in_the_study_process(prefect_server: None, tmp_path: Path) -> None:
     """With `--workers 1` a training is a thread of the study process, which cannot be killed: on
     SIGTERM it checkpoints at the end of its current step and stops, so the study exits at once instead
