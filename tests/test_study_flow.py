@@ -15,6 +15,10 @@ from prefect.client.orchestration import get_client
 
 from adaptflow.cli import main
 from adaptflow.errors import StudyError
+from metalib import TrainingHistory
+from tasks.models import CURVE_POINTS, log_training
+from tasks.tracking import open_store
+from tasks.train import TrainedModel
 from tests.conftest import DEMO, ROOT
 
 pytestmark = pytest.mark.slow
@@ -239,3 +243,21 @@ def test_a_study_loads_no_plotting_library_until_it_draws() -> None:
     done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=ROOT, env=env)
     assert done.returncode == 0, done.stderr
     assert done.stdout.split() == ["False", "agg"]
+
+
+def test_a_long_trainings_curves_are_logged_as_means_of_consecutive_steps(tmp_path: Path) -> None:
+    """MLflow gets at most CURVE_POINTS points of a curve (its charts draw 320): for 1,000 steps, the
+    means of 4 consecutive steps at the last of them; a short curve (validation) as it is."""
+    history = TrainingHistory()
+    for step in range(1, 1001):
+        history.add(step, {"train/loss": float(step), "train/acc": 0.5})
+        if step % 50 == 0:
+            history.add(step, {"val/acc": step / 1000})
+    client = open_store(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    run_id = client.create_run(client.create_experiment("curves")).info.run_id
+    log_training(client, run_id, TrainedModel({}, history, 1.0), "model")
+    loss = sorted((point.step, point.value) for point in client.get_metric_history(run_id, "train/loss"))
+    assert len(loss) == 250 <= CURVE_POINTS
+    assert loss[0] == (4, 2.5) and loss[-1] == (1000, 998.5)  # (1+2+3+4)/4, (997+...+1000)/4
+    validation = sorted((point.step, point.value) for point in client.get_metric_history(run_id, "val/acc"))
+    assert validation == history.curves["val/acc"]
