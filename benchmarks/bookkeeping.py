@@ -5,6 +5,9 @@
    and under its default cache policy hashes them; the logging tasks say NO_CACHE.
 2. One training checkpoint of each demo learner (weights, Adam's moments, best weights, the history):
    `Checkpoint.to_bytes` and the write to a file, as `tasks/checkpoints.py` does.
+3. Logging one trained model in a new sqlite MLflow store (`log_model`'s body: the model run, its
+   curves and plot, the logged model and its registration), as the study flow's thread does after
+   each training.
 
     .venv/bin/python benchmarks/bookkeeping.py            # steps 300 (the demo) and 3000
 """
@@ -28,7 +31,9 @@ from adaptflow.spec import load_spec  # noqa: E402
 from flows.server import shared_prefect_server  # noqa: E402
 from flows.study import check_study  # noqa: E402
 from metalib.training import Checkpoint, TrainingHistory  # noqa: E402
+from tasks.models import log_model  # noqa: E402
 from tasks.prepare import prepare  # noqa: E402
+from tasks.tracking import StudyRun, open_store  # noqa: E402
 from tasks.train import LearnerSetup, TrainedModel  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -101,11 +106,26 @@ def checkpoints(setups: list[LearnerSetup], steps: int) -> None:
         )
 
 
+def model_logging(setup: LearnerSetup, steps: int, models: int = 5) -> None:
+    folder = Path(tempfile.mkdtemp())
+    uri = f"sqlite:///{folder / 'mlflow.db'}"
+    client = open_store(uri)
+    experiment_id = client.create_experiment("bookkeeping")
+    study = StudyRun(uri, experiment_id, client.create_run(experiment_id).info.run_id)
+    log_model.fn(study, setup, TrainedModel(setup.build().state_dict(), history(steps), -1.0), -1, None)
+    started = time.perf_counter()  # after a first model, which imports and sets up the plotting
+    for seed in range(models):  # other weights each time: each is a new model run
+        log_model.fn(study, setup, TrainedModel(setup.build().state_dict(), history(steps), 1.0), seed, None)
+    each = (time.perf_counter() - started) / models
+    print(f"logging a {setup.label} model trained {steps} steps: {each * 1000:.0f} ms")
+
+
 def main() -> None:
     setups = demo_setups()
     print(f"{os.cpu_count()} CPUs, torch {torch.__version__}, demo learners {[s.label for s in setups]}")
     for steps in (300, 3000):
         checkpoints(setups, steps)
+        model_logging(setups[-1], steps)
     with shared_prefect_server():
         task_calls([300, 3000])
 

@@ -8,8 +8,9 @@
 2. fresh: `adaptflow run SPEC --workers N` in a subprocess with a new ADAPTFLOW_HOME (no
    prepared-data cache, no task cache: a study's first run) and a cold temporary Prefect server; wall
    time of the whole command. The project's Prefect database and MLflow store are created first and
-   timed apart, as a project's first command creates them once (about 5 s here, most of it Prefect's
-   migrations); `--new-project` leaves them to the fresh run instead.
+   timed apart, as a project's first command creates them once (13-15 s in a subprocess here; a
+   server on a new Prefect database answers about 5 s later, after its schema migrations);
+   `--new-project` leaves them to the fresh run instead.
 3. cached: the same command again: every task is a cache hit; what is left is orchestration.
 
 Bare prepares the data without the prepared-data cache too, so both start from the Parquet files.
