@@ -570,21 +570,27 @@ def _leave_within(seconds: float, status: int) -> None:
     (joining the task runner's threads, the atexit handlers) is blocked: an interrupted `--workers 2`
     study once printed "interrupted" and then never exited, and the cause was not found. What finished
     is stored by then, and the temporary server stops with this process (its parent-death signal); the
-    threads' stacks are printed for a bug report."""
+    threads' stacks are printed for a bug report. The timer is Python code: a thread holding the
+    interpreter's lock would stop it, so faulthandler's own watchdog (C, exit status 1) backs it up
+    5 s later, until the interpreter's last teardown."""
 
     def leave() -> None:
-        print(
-            f"adaptflow: still not exited {seconds:.0f} s after the interruption; leaving now. "
-            "Please report this with the threads' stacks below.",
-            file=sys.stderr,
-            flush=True,
-        )
-        faulthandler.dump_traceback(file=sys.stderr, all_threads=True)
-        os._exit(status)
+        try:
+            print(
+                f"adaptflow: still not exited {seconds:.0f} s after the interruption; leaving now. "
+                "Please report this with the threads' stacks below.",
+                file=sys.stderr,
+                flush=True,
+            )
+            faulthandler.dump_traceback(file=sys.stderr, all_threads=True)
+            sys.stdout.flush()
+        finally:
+            os._exit(status)
 
     timer = threading.Timer(seconds, leave)
     timer.daemon = True
     timer.start()
+    faulthandler.dump_traceback_later(seconds + 5, exit=True)
 
 
 if __name__ == "__main__":

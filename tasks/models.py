@@ -1,7 +1,7 @@
 """Model runs: each trained model stored once in MLflow as a logged model, registered, loadable again.
 
-A model run (tag kind=model) holds one (algorithm, seed[, target]) training's curves (at most
-CURVE_POINTS points each: a longer curve as means of consecutive steps, `binned`), summary metrics
+A model run (tag kind=model) holds one (algorithm, seed[, target]) training's curves (a training curve
+of more than CURVE_POINTS steps as that many means of consecutive steps, `binned`), summary metrics
 and `learning_curve.png`, and produces its model: an MLflow logged model
 (MLflow 3's `LoggedModel`, listed in the run's "Models" column and the experiment's Models tab) whose
 artifacts are `weights.pt`, `setup.json` (everything that rebuilds the learner: algorithm,
@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import re
 import tempfile
 from dataclasses import asdict, dataclass
@@ -52,7 +51,7 @@ WEIGHTS, SETUP, HISTORY = "weights.pt", "setup.json", "history.json"
 MODEL_ID = "model_id"  # the model run's tag naming its logged model
 CURVE = "learning_curve.png"  # in the model run
 LOGGED_MODEL_NAME_FORBIDS = r"[/:.%\"']"  # characters MLflow refuses in a logged model's name
-# MLflow's UI draws a run's curve from at most 320 points of it (its charts ask for `maxResults: 320`)
+# MLflow's UI draws a curve from 320 points of it per view (its charts ask for `maxResults: 320`)
 CURVE_POINTS = 320
 
 
@@ -128,16 +127,19 @@ def log_model(
 
 
 def log_training(client: MlflowClient, run_id: str, trained: TrainedModel, name: str) -> None:
-    """The training's curves (`train/loss`, `train/acc`, `val/acc` by step, `binned`), its summary
-    metrics and `learning_curve.png` (every step), in the model run: once per model, not in each of
-    its evaluation runs."""
+    """The training's curves (`train/loss` and `train/acc` `binned`, `val/acc` whole, by step), its
+    summary metrics and `learning_curve.png` (every step), in the model run: once per model, not in
+    each of its evaluation runs."""
     history = trained.history
     metrics = {
         "source_val_acc": history.best_val_acc,
         "best_step": history.best_step,
         "train_seconds": trained.seconds,
     }
-    curves = {name: binned(points) for name, points in history.curves.items()}
+    curves = {
+        name: binned(points) if name.startswith("train/") else points
+        for name, points in history.curves.items()
+    }
     log_flat(client, run_id, metrics=metrics, curves=curves)
     with tempfile.TemporaryDirectory() as folder:
         log_file(
@@ -146,15 +148,16 @@ def log_training(client: MlflowClient, run_id: str, trained: TrainedModel, name:
 
 
 def binned(points: list[tuple[int, float]], limit: int = CURVE_POINTS) -> list[tuple[int, float]]:
-    """A curve of at most `limit` points: each the mean of the same number of consecutive points, at
-    the step of the last of them; a curve that fits is returned as it is. Logging every step of a long
-    training took MLflow's sqlite store about 0.2 s per 1,000 points, in the flow's thread beside the
-    next training, and its UI shows 320 points of a curve anyway; every step stays in the logged
-    model's `history.json` and in `learning_curve.png`."""
+    """A curve of `limit` points if it is longer: `limit` windows of consecutive points, as even as
+    they divide, each logged as its mean at the step of its last point; a curve that fits is returned
+    as it is. Logging a 3,000-step model's every step took MLflow's sqlite store 625 ms against 175
+    ms binned (benchmarks/bookkeeping.py), in the flow's thread beside the next training, and the
+    UI samples 320 points of a curve per view anyway (zoomed in, it no longer shows single steps).
+    Every step stays in the logged model's `history.json` and in `learning_curve.png`."""
     if len(points) <= limit:
         return points
-    size = math.ceil(len(points) / limit)
-    windows = (points[start : start + size] for start in range(0, len(points), size))
+    edges = [round(index * len(points) / limit) for index in range(limit + 1)]
+    windows = [points[start:end] for start, end in zip(edges, edges[1:])]
     return [(window[-1][0], sum(value for _, value in window) / len(window)) for window in windows]
 
 

@@ -169,6 +169,34 @@ def test_an_interrupted_command_leaves_even_when_a_thread_blocks_its_exit() -> N
     assert "in blocked_forever" in done.stderr  # the stack of the thread that blocked the exit
 
 
+# The same, with an atexit handler that holds the interpreter's lock forever, so no Python thread runs.
+LOCKED_EXIT = """
+import atexit
+import ctypes
+import adaptflow.cli as cli
+
+def held_forever():
+    ctypes.PyDLL(None).pause()  # a C call that keeps the interpreter's lock
+
+cli.EXIT_GRACE_SECONDS = 1.0
+cli.main = lambda: cli.INTERRUPTED
+atexit.register(held_forever)
+cli.command()
+"""
+
+
+def test_an_interrupted_command_leaves_even_when_its_exit_holds_the_interpreters_lock() -> None:
+    """The grace timer is Python code, which cannot run while a C call holds the interpreter's lock:
+    faulthandler's watchdog, in C, ends the process 5 s after it (status 1), with the stacks."""
+    if not sys.platform.startswith("linux"):
+        pytest.skip("calls libc's pause()")
+    done = subprocess.run(
+        [sys.executable, "-c", LOCKED_EXIT], capture_output=True, text=True, timeout=120, cwd=ROOT
+    )
+    assert done.returncode == 1, done.stderr
+    assert "in held_forever" in done.stderr
+
+
 def test_sigterm_stops_a_training_running_in_the_study_process(prefect_server: None, tmp_path: Path) -> None:
     """With `--workers 1` a training is a thread of the study process, which cannot be killed: on
     SIGTERM it checkpoints at the end of its current step and stops, so the study exits at once instead

@@ -16,7 +16,7 @@ from prefect.client.orchestration import get_client
 from adaptflow.cli import main
 from adaptflow.errors import StudyError
 from metalib import TrainingHistory
-from tasks.models import CURVE_POINTS, log_training
+from tasks.models import CURVE_POINTS, binned, log_training
 from tasks.tracking import open_store
 from tasks.train import TrainedModel
 from tests.conftest import DEMO, ROOT
@@ -245,19 +245,33 @@ def test_a_study_loads_no_plotting_library_until_it_draws() -> None:
     assert done.stdout.split() == ["False", "agg"]
 
 
+def test_binned_curves_have_the_limits_points_as_means_of_even_windows() -> None:
+    def curve(steps: int) -> list[tuple[int, float]]:
+        return [(step, float(step)) for step in range(1, steps + 1)]
+
+    assert binned([]) == [] and binned(curve(320)) == curve(320)  # a curve that fits, as it is
+    one_over = binned(curve(321))  # one window of two steps
+    assert len(one_over) == 320 and one_over[-1] == (321, 321.0)
+    assert [(step, value) for step, value in one_over if value != step] == [(162, 161.5)]
+    long = binned(curve(3000))  # windows of 9 or 10 steps
+    assert len(long) == 320 and long[0] == (9, 5.0) and long[-1] == (3000, 2996.0)
+    assert {later[0] - earlier[0] for earlier, later in zip(long, long[1:])} == {9, 10}
+
+
 def test_a_long_trainings_curves_are_logged_as_means_of_consecutive_steps(tmp_path: Path) -> None:
-    """MLflow gets at most CURVE_POINTS points of a curve (its charts draw 320): for 1,000 steps, the
-    means of 4 consecutive steps at the last of them; a short curve (validation) as it is."""
+    """MLflow gets CURVE_POINTS points of a longer training curve (its charts draw 320 per view): for
+    1,000 steps, means of 3 or 4 consecutive steps at the last of them; the validation curve, where the
+    best step is chosen, whole."""
     history = TrainingHistory()
     for step in range(1, 1001):
         history.add(step, {"train/loss": float(step), "train/acc": 0.5})
-        if step % 50 == 0:
+        if step % 2 == 0:
             history.add(step, {"val/acc": step / 1000})
     client = open_store(f"sqlite:///{tmp_path / 'mlflow.db'}")
     run_id = client.create_run(client.create_experiment("curves")).info.run_id
     log_training(client, run_id, TrainedModel({}, history, 1.0), "model")
     loss = sorted((point.step, point.value) for point in client.get_metric_history(run_id, "train/loss"))
-    assert len(loss) == 250 <= CURVE_POINTS
-    assert loss[0] == (4, 2.5) and loss[-1] == (1000, 998.5)  # (1+2+3+4)/4, (997+...+1000)/4
+    assert len(loss) == CURVE_POINTS
+    assert loss[0] == (3, 2.0) and loss[-1] == (1000, 999.0)  # (1+2+3)/3, (998+999+1000)/3
     validation = sorted((point.step, point.value) for point in client.get_metric_history(run_id, "val/acc"))
-    assert validation == history.curves["val/acc"]
+    assert validation == history.curves["val/acc"] and len(validation) == 500
