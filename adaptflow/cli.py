@@ -434,7 +434,7 @@ def _ui(study: str | None, tracking_uri: str) -> int:
     except KeyboardInterrupt:
         return 0
     finally:
-        for stop in (signal.SIGINT, signal.SIGTERM):  # a second Ctrl-C must not leave a server behind
+        for stop in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):  # nor a second signal leave a server
             signal.signal(stop, signal.SIG_IGN)
         UI_PREFECT_API.unlink(missing_ok=True)
         for server in servers:

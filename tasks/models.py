@@ -1,7 +1,7 @@
 """Model runs: each trained model stored once in MLflow as a logged model, registered, loadable again.
 
 A model run (tag kind=model) holds one (algorithm, seed[, target]) training's curves (a training curve
-of more than CURVE_POINTS steps as that many means of consecutive steps, `binned`), summary metrics
+of more than 320 steps as that many means of consecutive steps, `tasks.tracking.binned`), summary metrics
 and `learning_curve.png`, and produces its model: an MLflow logged model
 (MLflow 3's `LoggedModel`, listed in the run's "Models" column and the experiment's Models tab) whose
 artifacts are `weights.pt`, `setup.json` (everything that rebuilds the learner: algorithm,
@@ -44,6 +44,7 @@ from tasks.tracking import (
     log_flat,
     open_store,
     start_child_run,
+    training_curves_binned,
 )
 from tasks.train import LearnerSetup, TrainedModel
 
@@ -51,8 +52,6 @@ WEIGHTS, SETUP, HISTORY = "weights.pt", "setup.json", "history.json"
 MODEL_ID = "model_id"  # the model run's tag naming its logged model
 CURVE = "learning_curve.png"  # in the model run
 LOGGED_MODEL_NAME_FORBIDS = r"[/:.%\"']"  # characters MLflow refuses in a logged model's name
-# MLflow's UI draws a curve from 320 points of it per view (its charts ask for `maxResults: 320`)
-CURVE_POINTS = 320
 
 
 @dataclass(frozen=True)
@@ -136,29 +135,11 @@ def log_training(client: MlflowClient, run_id: str, trained: TrainedModel, name:
         "best_step": history.best_step,
         "train_seconds": trained.seconds,
     }
-    curves = {
-        name: binned(points) if name.startswith("train/") else points
-        for name, points in history.curves.items()
-    }
-    log_flat(client, run_id, metrics=metrics, curves=curves)
+    log_flat(client, run_id, metrics=metrics, curves=training_curves_binned(history.curves))
     with tempfile.TemporaryDirectory() as folder:
         log_file(
             client, run_id, learning_curve(history.curves, history.best_step, name, Path(folder) / CURVE)
         )
-
-
-def binned(points: list[tuple[int, float]], limit: int = CURVE_POINTS) -> list[tuple[int, float]]:
-    """A curve of `limit` points if it is longer: `limit` windows of consecutive points, as even as
-    they divide, each logged as its mean at the step of its last point; a curve that fits is returned
-    as it is. Logging a 3,000-step model's every step took MLflow's sqlite store 625 ms against 175
-    ms binned (benchmarks/bookkeeping.py), in the flow's thread beside the next training, and the
-    UI samples 320 points of a curve per view anyway (zoomed in, it no longer shows single steps).
-    Every step stays in the logged model's `history.json` and in `learning_curve.png`."""
-    if len(points) <= limit:
-        return points
-    edges = [round(index * len(points) / limit) for index in range(limit + 1)]
-    windows = [points[start:end] for start, end in zip(edges, edges[1:])]
-    return [(window[-1][0], sum(value for _, value in window) / len(window)) for window in windows]
 
 
 def register(study: StudyRun, model: ModelRef, location: str, tags: dict[str, str]) -> None:

@@ -42,7 +42,7 @@ from tasks.caching import stable_token
 from tasks.plots import pyplot
 from tasks.prepare import Pool, PreparedData
 from tasks.run_states import OWNER_TAG, dead_here, owner
-from tasks.tracking import StudyRun, log_file, log_flat, start_child_run
+from tasks.tracking import StudyRun, log_file, log_flat, start_child_run, training_curves_binned
 from tasks.train import LearnerSetup, source_episodes
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -344,7 +344,7 @@ def log_trials(run: StudyRun, study: optuna.Study, setup: LearnerSetup, search: 
             run_id,
             params={f"hparams.{name}": value for name, value in trial_hparams(setup, trial).items()},
             metrics=metrics,
-            curves=curves,
+            curves=training_curves_binned(curves),
         )
         client.set_terminated(run_id, "FINISHED")
         count += 1

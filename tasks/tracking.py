@@ -42,6 +42,8 @@ from tasks.stopping import interruption_behind, release_frames
 
 MAX_PARAM_LENGTH = 6000  # MLflow's limits on a param's value and on any key
 MAX_KEY_LENGTH = 250
+# MLflow's UI draws a curve from 320 points of it per view (its charts ask for `maxResults: 320`)
+CURVE_POINTS = 320
 # The start-of-study check answers in seconds: MLflow's own client retries 7 times over minutes.
 REACH_TIMEOUT_SECONDS = 5
 REACH_RETRIES = 1
@@ -345,6 +347,28 @@ def log_flat(
         room = 1000 - len(batch_params) - len(batch_tags)
         batch_metrics, entries = entries[:room], entries[room:]
         client.log_batch(run_id, metrics=batch_metrics, params=batch_params, tags=batch_tags)
+
+
+def binned(points: list[tuple[int, float]], limit: int = CURVE_POINTS) -> list[tuple[int, float]]:
+    """A curve of `limit` points if it is longer: `limit` windows of consecutive points, as even as
+    they divide, each logged as its mean at the step of its last point; a curve that fits is returned
+    as it is. Logging a 3,000-step model's every step took MLflow's sqlite store 625 ms against 175
+    ms binned (benchmarks/bookkeeping.py), in the flow's thread beside the next training, and the
+    UI samples 320 points of a curve per view anyway (zoomed in, it no longer shows single steps)."""
+    if len(points) <= limit:
+        return points
+    edges = [round(index * len(points) / limit) for index in range(limit + 1)]
+    windows = [points[start:end] for start, end in zip(edges, edges[1:])]
+    return [(window[-1][0], sum(value for _, value in window) / len(window)) for window in windows]
+
+
+def training_curves_binned(curves: dict[str, list[tuple[int, float]]]) -> dict[str, list[tuple[int, float]]]:
+    """`curves` with each training curve (`train/loss`, `<fold>/train/acc`) `binned`, and the others
+    (validation, held-out scores), on which a best step or a trial's score is chosen, whole."""
+    return {
+        name: binned(points) if name.split("/")[-2:-1] == ["train"] else points
+        for name, points in curves.items()
+    }
 
 
 def _tags(tags: dict[str, Any]) -> dict[str, str]:

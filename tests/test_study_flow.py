@@ -16,8 +16,8 @@ from prefect.client.orchestration import get_client
 from adaptflow.cli import main
 from adaptflow.errors import StudyError
 from metalib import TrainingHistory
-from tasks.models import CURVE_POINTS, binned, log_training
-from tasks.tracking import open_store
+from tasks.models import log_training
+from tasks.tracking import CURVE_POINTS, binned, open_store, training_curves_binned
 from tasks.train import TrainedModel
 from tests.conftest import DEMO, ROOT
 
@@ -256,6 +256,9 @@ def test_binned_curves_have_the_limits_points_as_means_of_even_windows() -> None
     long = binned(curve(3000))  # windows of 9 or 10 steps
     assert len(long) == 320 and long[0] == (9, 5.0) and long[-1] == (3000, 2996.0)
     assert {later[0] - earlier[0] for earlier, later in zip(long, long[1:])} == {9, 10}
+    curves = {name: curve(400) for name in ("train/loss", "webcam/train/acc", "val/acc", "train/val/acc")}
+    lengths = {name: len(points) for name, points in training_curves_binned(curves).items()}
+    assert lengths == {"train/loss": 320, "webcam/train/acc": 320, "val/acc": 400, "train/val/acc": 400}
 
 
 def test_a_long_trainings_curves_are_logged_as_means_of_consecutive_steps(tmp_path: Path) -> None:
