@@ -30,13 +30,13 @@ from mlflow.entities import LoggedModelOutput, LoggedModelStatus
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from prefect import task
-from prefect.cache_policies import NO_CACHE
 
 from adaptflow.errors import StudyError
 from metalib import TrainingHistory
 from tasks.caching import stable_token
 from tasks.plots import learning_curve
 from tasks.tracking import (
+    MLFLOW_WRITES,
     TRANSIENT_RETRIES,
     StudyRun,
     ended_on_failure,
@@ -76,7 +76,7 @@ def model_name(setup: LearnerSetup, seed: int, target: str | None) -> str:
     return "·".join([setup.label, *([target] if target else []), f"seed{seed}", "model"])
 
 
-@task(name="log-model", tags=["cpu"], cache_policy=NO_CACHE, **TRANSIENT_RETRIES)
+@task(name="log-model", tags=["cpu"], **MLFLOW_WRITES)
 def log_model(
     study: StudyRun, setup: LearnerSetup, trained: TrainedModel, seed: int, target: str | None
 ) -> ModelRef:
@@ -161,7 +161,7 @@ def register(study: StudyRun, model: ModelRef, location: str, tags: dict[str, st
     )
 
 
-@task(name="log-failed-training", tags=["cpu"], cache_policy=NO_CACHE, **TRANSIENT_RETRIES)
+@task(name="log-failed-training", tags=["cpu"], **MLFLOW_WRITES)
 def log_failed_training(
     study: StudyRun, setup: LearnerSetup, seed: int, target: str | None, error: str
 ) -> str:

@@ -20,7 +20,7 @@ from tasks.models import ModelRef
 from tasks.summary import interval_caption, summarise
 from tasks.tables import accuracy_table, fit_to_terminal, terminal_width, to_markdown
 from tasks.tracking import (
-    TRANSIENT_RETRIES,
+    MLFLOW_WRITES,
     StudyRun,
     ended_on_failure,
     log_file,
@@ -54,7 +54,7 @@ class Result:
     eval_seconds: float
 
 
-@task(name="log-evaluation", tags=["cpu"], cache_policy=NO_CACHE, **TRANSIENT_RETRIES)
+@task(name="log-evaluation", tags=["cpu"], **MLFLOW_WRITES)
 def log_evaluation(
     study: StudyRun,
     spec: StudySpec,

@@ -182,17 +182,18 @@ def retry_transient(task: Task[Any, Any], run: TaskRun, state: State[Any]) -> bo
     return isinstance(error, BaseException) and interruption_behind(error) is None and is_transient(error)
 
 
-# Task options of every task that logs to MLflow: up to 4 retries, 2, 4, 8 and 16 s apart (+-50%),
-# on top of the retries of MLflow's HTTP client (MLFLOW_HTTP_REQUEST_MAX_RETRIES). The tasks that write
-# to MLflow also say cache_policy=NO_CACHE: each execution logs its own runs, and under Prefect's
-# default policy each call hashed its inputs, a trained model's weights included
-# (benchmarks/bookkeeping.py).
+# Task options of every task that talks to MLflow: up to 4 retries, 2, 4, 8 and 16 s apart (+-50%),
+# on top of the retries of MLflow's HTTP client (MLFLOW_HTTP_REQUEST_MAX_RETRIES).
 TRANSIENT_RETRIES: dict[str, Any] = {
     "retries": 4,
     "retry_delay_seconds": exponential_backoff(backoff_factor=2),
     "retry_jitter_factor": 0.5,
     "retry_condition_fn": retry_transient,
 }
+# ... and of every task that writes runs to MLflow, which no cache may stand in for: each execution logs
+# its own runs, and under Prefect's default policy each call hashed its inputs, a trained model's
+# weights included (benchmarks/bookkeeping.py).
+MLFLOW_WRITES: dict[str, Any] = {**TRANSIENT_RETRIES, "cache_policy": NO_CACHE}
 
 
 def open_store(tracking_uri: str) -> MlflowClient:
@@ -229,7 +230,7 @@ def ensure_experiment(client: MlflowClient, name: str, tracking_uri: str) -> str
         return client.get_experiment_by_name(name).experiment_id
 
 
-@task(name="start-study-run", cache_policy=NO_CACHE, **TRANSIENT_RETRIES)
+@task(name="start-study-run", **MLFLOW_WRITES)
 def start_study_run(
     spec: StudySpec, tracking_uri: str, tags: dict[str, str], datasets: list[DatasetInput], modality: str
 ) -> StudyRun:
